@@ -1,0 +1,126 @@
+"""Builds the aiohttp application. Shared resources (client session, store, ledger
+writer, catalog, token counter) live in ``web.AppKey`` slots and are opened and closed
+by ``cleanup_ctx``, never held in module globals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from proxy.callers import KeyRing
+from proxy.ledger import LedgerWriter
+from proxy.metrics import Metrics
+from proxy.pipeline import Pipeline
+from proxy.pricing import Catalog
+from proxy.settings import Settings, tiktoken_dir_from_env
+from proxy.store import open_store
+from proxy.store.base import Store
+from proxy.tokens import TokenCounter
+from proxy.upstream import make_session
+
+log = logging.getLogger("metergate")
+
+SETTINGS = web.AppKey("settings", Settings)
+CATALOG = web.AppKey("catalog", Catalog)
+METRICS = web.AppKey("metrics", Metrics)
+
+
+@dataclass(slots=True)
+class Running:
+    """What exists only while the app runs (filled in by ``cleanup_ctx``)."""
+
+    store: Store | None = None
+    pipeline: Pipeline | None = None
+
+
+RUNNING = web.AppKey("running", Running)
+
+
+def build_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> web.Application:
+    """The proxy application for ``settings``. The price catalog is loaded here, so a
+    broken catalog fails at start-up rather than on the first request."""
+    catalog = Catalog.load(settings.prices)
+    app = web.Application(
+        # aiohttp's own default is 1 MiB; our limit is enforced (with a provider-shaped
+        # 413) in the pipeline, so aiohttp must let bodies up to it through.
+        client_max_size=settings.server.max_body_bytes,
+        handler_args={"max_field_size": 16384, "max_headers": 128},
+    )
+    app[SETTINGS] = settings
+    app[CATALOG] = catalog
+    app[METRICS] = Metrics(registry or CollectorRegistry(), known_models=catalog.models())
+    app[RUNNING] = Running()
+    app.cleanup_ctx.append(_resources)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_route("*", "/{upstream}/{path:.*}", _proxy)
+    return app
+
+
+async def _resources(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    vocab = tiktoken_dir_from_env(settings)
+    counter = TokenCounter(vocab_dir=Path(vocab) if vocab else None)
+    # Loading a vocabulary takes about a second: do it now, off the loop, not on the
+    # first request that needs an estimate.
+    await asyncio.get_running_loop().run_in_executor(None, counter.preload)
+    store = open_store(settings.store)
+    await store.open()
+    writer = LedgerWriter(store)
+    await writer.start()
+    session = make_session(settings.upstreams)
+    pipeline = Pipeline(
+        settings=settings,
+        keyring=KeyRing(settings.keys, passthrough=settings.passthrough_keys),
+        catalog=app[CATALOG],
+        counter=counter,
+        writer=writer,
+        metrics=app[METRICS],
+        session=session,
+    )
+    running = app[RUNNING]
+    running.store, running.pipeline = store, pipeline
+    log.info(
+        "metergate ready: store %s, upstreams %s",
+        settings.store.split("://", 1)[0],
+        ", ".join(f"{u.name}={u.url}" for u in settings.upstreams.values()),
+    )
+    try:
+        yield
+    finally:
+        running.pipeline = None
+        await pipeline.drain()
+        await writer.close()
+        await session.close()
+        await store.close()
+        counter.close()
+
+
+async def _proxy(request: web.Request) -> web.StreamResponse:
+    pipeline = request.app[RUNNING].pipeline
+    if pipeline is None:
+        raise web.HTTPServiceUnavailable(text="Metergate is shutting down.")
+    return await pipeline.handle(request)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    ready = request.app[RUNNING].pipeline is not None
+    return web.json_response(
+        {"status": "ready" if ready else "starting"}, status=200 if ready else 503
+    )

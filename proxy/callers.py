@@ -1,0 +1,116 @@
+"""Who is calling: keys to callers, and the cost-attribution tags they send.
+
+A caller presents a key the way its SDK does: ``Authorization: Bearer KEY`` (both the
+OpenAI and the Anthropic SDK) or ``x-api-key: KEY``. A key the proxy knows names a
+caller and is replaced by the upstream's real key, so apps never hold provider keys.
+With ``passthrough_keys`` on, an unknown key is taken for the caller's own provider key:
+it is forwarded, and the caller is known only by a hash of it.
+
+Keys are looked up by their SHA-256 digest, never compared as strings, so the lookup
+time does not depend on how much of a guessed key is right.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from proxy.errors import BadRequest, Unauthorized
+from proxy.settings import KeySettings
+
+_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/=-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """The identity a request is charged to."""
+
+    key_name: str
+    team: str | None = None
+    user: str | None = None
+    tags: tuple[str, ...] = ()
+    passthrough: bool = False
+
+
+def key_digest(key: str) -> bytes:
+    """The digest a key is looked up by."""
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key in ``Authorization: Bearer`` or ``x-api-key``, whichever is set.
+
+    When both are set and differ, a Metergate key (``mg-``) wins: a client may keep a
+    dummy provider key in one header while authenticating to us with the other.
+    """
+    bearer = None
+    auth = headers.get("Authorization")
+    if auth:
+        scheme, _, value = auth.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            bearer = value.strip()
+    api_key = (headers.get("x-api-key") or "").strip() or None
+    if bearer and api_key and bearer != api_key:
+        return api_key if api_key.startswith("mg-") and not bearer.startswith("mg-") else bearer
+    return bearer or api_key
+
+
+class KeyRing:
+    """Maps presented keys to callers."""
+
+    def __init__(self, keys: Iterable[KeySettings], *, passthrough: bool) -> None:
+        self._by_digest: dict[bytes, Caller] = {
+            key_digest(k.key): Caller(key_name=k.name, team=k.team, user=k.user, tags=k.tags)
+            for k in keys
+        }
+        self.passthrough = passthrough
+
+    def identify(self, headers: Mapping[str, str]) -> tuple[Caller, str | None]:
+        """The caller, and the key to send upstream (None: use the upstream's own key).
+
+        Raises :class:`Unauthorized` for a missing key, or an unknown one when
+        passthrough is off.
+        """
+        key = presented_key(headers)
+        if key is None:
+            raise Unauthorized(
+                "No API key was sent. Send your Metergate key as 'Authorization: Bearer KEY' "
+                "or 'x-api-key: KEY'."
+            )
+        digest = key_digest(key)
+        caller = self._by_digest.get(digest)
+        if caller is not None:
+            return caller, None
+        if self.passthrough and not key.startswith("mg-"):
+            return Caller(key_name="passthrough:" + digest.hex()[:12], passthrough=True), key
+        raise Unauthorized(
+            "The API key is not known to this Metergate proxy. Check the key, or ask your "
+            "administrator for one."
+        )
+
+
+def parse_tags(value: str | None, *, max_count: int, max_len: int) -> tuple[str, ...]:
+    """Validate an ``X-Metergate-Tags: a,b`` header into a tuple of distinct tags."""
+    if not value:
+        return ()
+    tags: list[str] = []
+    for raw in value.split(","):
+        tag = raw.strip()
+        if not tag:
+            continue
+        if len(tag) > max_len or not _TAG_RE.match(tag):
+            raise BadRequest(
+                f"The tag {tag[:80]!r} in X-Metergate-Tags is not valid: tags are at most "
+                f"{max_len} characters of letters, digits and _ . : / = -.",
+                code="invalid_tags",
+            )
+        if tag not in tags:
+            tags.append(tag)
+        if len(tags) > max_count:
+            raise BadRequest(
+                f"X-Metergate-Tags has more than {max_count} tags; send at most {max_count}.",
+                code="invalid_tags",
+            )
+    return tuple(tags)
