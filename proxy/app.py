@@ -4,7 +4,6 @@ by ``cleanup_ctx``, never held in module globals."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     counter = TokenCounter(vocab_dir=Path(vocab) if vocab else None)
     # Loading a vocabulary takes about a second: do it now, off the loop, not on the
     # first request that needs an estimate.
-    await asyncio.get_running_loop().run_in_executor(None, counter.preload)
+    await counter.preload_async()
     store = open_store(settings.store)
     await store.open()
     writer = LedgerWriter(store)
