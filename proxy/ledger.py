@@ -122,7 +122,9 @@ class LedgerWriter:
         Cancelling the caller does not withdraw the record: it is written anyway, so a
         client that disconnects at the last moment is still billed.
         """
-        await asyncio.shield(self.write_nowait(record))
+        # No shield needed: cancelling the caller cancels only this future, and the
+        # queued record does not depend on it.
+        await self.write_nowait(record)
 
     async def close(self) -> None:
         """Stop accepting records, write everything queued, stop the task.
@@ -133,8 +135,13 @@ class LedgerWriter:
         if self._task is None:
             return
         self._wakeup.set()
-        # Shielded: a cancelled close() must not abandon the records still queued.
-        await asyncio.shield(self._task)
+        try:
+            # Shielded: a cancelled close() must not abandon the records still queued.
+            await asyncio.shield(self._task)
+        except asyncio.CancelledError:
+            if not self._task.cancelled():
+                raise  # close() itself was cancelled
+            # Someone cancelled the task; it has already failed the queued futures.
 
     async def _run(self) -> None:
         batch: list[_Pending] = []
@@ -174,7 +181,7 @@ class LedgerWriter:
 def _settle(batch: Iterable[_Pending], exc: BaseException | None) -> None:
     """Complete each still-waiting future of a batch with success or ``exc``."""
     for _, future in batch:
-        if future.done():  # cancelled by a write_nowait caller: nothing to tell
+        if future.done():  # cancelled: its caller is gone, nobody to tell
             continue
         if exc is None:
             future.set_result(None)

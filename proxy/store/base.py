@@ -39,7 +39,7 @@ class Store(ABC):
     async def ledger_records(
         self, since_ms: int | None = None, until_ms: int | None = None
     ) -> list[LedgerRecord]:
-        """Records with ``since_ms <= ts_ms < until_ms``, oldest first."""
+        """Records with ``since_ms <= ts_ms < until_ms``, oldest first (ties by id)."""
 
     async def report(
         self,
