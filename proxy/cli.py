@@ -19,7 +19,7 @@ from aiohttp import web
 from proxy.app import build_app
 from proxy.pricing import Catalog, describe
 from proxy.report import format_report, nanos_to_usd_str, parse_period
-from proxy.settings import ConfigError, Settings, load_settings
+from proxy.settings import ConfigError, load_settings
 from proxy.store import open_store
 from proxy.store.base import GROUP_COLUMNS
 
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     show.set_defaults(func=_ledger_show)
     lst = ledger_sub.add_parser("list", help="records of a period, as JSON lines")
     _config_arg(lst)
-    lst.add_argument("--since", default="1h")
+    lst.add_argument("--since", help="a period back from now (default 1h, unless --from)")
     lst.add_argument("--from", dest="from_")
     lst.add_argument("--to")
     lst.set_defaults(func=_ledger_list)
@@ -129,12 +129,8 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def _settings_for_store(path: str) -> Settings:
-    return load_settings(path)
-
-
 def _report(args: argparse.Namespace) -> int:
-    settings = _settings_for_store(args.config)
+    settings = load_settings(args.config)
     group_by = [c.strip() for c in args.by.split(",") if c.strip()]
     since_ms, until_ms = parse_period(args.since, args.from_, args.to, time.time_ns() // 1_000_000)
 
@@ -152,7 +148,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _ledger_show(args: argparse.Namespace) -> int:
-    settings = _settings_for_store(args.config)
+    settings = load_settings(args.config)
 
     async def run() -> int:
         store = open_store(settings.store)
@@ -171,8 +167,9 @@ def _ledger_show(args: argparse.Namespace) -> int:
 
 
 def _ledger_list(args: argparse.Namespace) -> int:
-    settings = _settings_for_store(args.config)
-    since_ms, until_ms = parse_period(args.since, args.from_, args.to, time.time_ns() // 1_000_000)
+    settings = load_settings(args.config)
+    since = args.since or (None if args.from_ else "1h")
+    since_ms, until_ms = parse_period(since, args.from_, args.to, time.time_ns() // 1_000_000)
 
     async def run() -> None:
         store = open_store(settings.store)

@@ -1,0 +1,615 @@
+"""The OpenAI wire format: Chat Completions, Responses, legacy Completions, Embeddings.
+
+Also home to the small JSON helpers both translators share (:func:`load_request_object`,
+:func:`require_model`, :func:`normalise_path`, :func:`token_count`), so that OpenAI and
+Anthropic requests are validated with the same rules and the same error codes.
+
+Usage shapes read here::
+
+    chat, completions, embeddings   usage.prompt_tokens / completion_tokens,
+                                    prompt_tokens_details.cached_tokens,
+                                    completion_tokens_details.reasoning_tokens
+    responses                       usage.input_tokens / output_tokens,
+                                    input_tokens_details.cached_tokens,
+                                    output_tokens_details.reasoning_tokens
+
+OpenAI's counts already follow :class:`~proxy.usage.Usage`'s convention (input includes
+cached tokens, output includes reasoning), so they are copied as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, TypeGuard
+
+import orjson
+
+from proxy.errors import BadRequest
+from proxy.providers.base import ParsedRequest
+from proxy.providers.sse import SSEEvent, SSEParser
+from proxy.usage import Usage
+
+# --- helpers shared with the Anthropic translator -------------------------------------
+
+
+def normalise_path(path: str) -> str:
+    """``/v1/chat/completions?x=1`` -> ``chat/completions``: no slashes, no ``v1/``."""
+    p = path.split("?", 1)[0].strip("/")
+    if p.startswith("v1/"):
+        return p[3:].strip("/")
+    return "" if p == "v1" else p
+
+
+def load_request_object(body: bytes, example_model: str) -> dict[str, Any]:
+    """Parse a request body that must be a JSON object, or raise ``invalid_json``."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(
+            f"The request body could not be parsed as JSON ({exc}). Send a UTF-8 JSON "
+            f'object, for example {{"model": "{example_model}", ...}}.',
+            code="invalid_json",
+        ) from None
+    if not isinstance(obj, dict):
+        raise BadRequest(
+            f"The request body must be a JSON object, not a JSON {_json_kind(obj)}. Send an "
+            f'object, for example {{"model": "{example_model}", ...}}.',
+            code="invalid_json",
+        )
+    return obj
+
+
+def require_model(obj: dict[str, Any], example_model: str) -> str:
+    """The request's ``model``, or raise ``missing_model`` / ``invalid_model``."""
+    model = obj.get("model")
+    if model is None:
+        raise BadRequest(
+            f'The request has no "model" field. Add the model to use, for example '
+            f'"model": "{example_model}".',
+            code="missing_model",
+        )
+    if not isinstance(model, str) or not model.strip():
+        raise BadRequest(
+            f'The "model" field must be a non-empty string naming the model, for example '
+            f'"model": "{example_model}"; got {_json_kind(model)} {_short(model)}.',
+            code="invalid_model",
+        )
+    return model
+
+
+def token_count(value: object) -> int | None:
+    """``value`` if it is a usable token count (a non-negative JSON integer), else None.
+
+    ``bool`` is excluded explicitly because it is an ``int`` subclass in Python.
+    """
+    if type(value) is int and value >= 0:
+        return value
+    return None
+
+
+def nonempty_str(value: object) -> str | None:
+    """``value`` if it is a non-empty string, else None."""
+    return value if isinstance(value, str) and value else None
+
+
+def json_text(value: object) -> str:
+    """``value`` as compact JSON text, or "" when orjson cannot render it.
+
+    orjson loads nesting up to 1024 levels deep but refuses to dump more than 254, so
+    re-serialising a parsed request can fail; text extraction must not.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return ""
+
+
+def _json_kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def _short(value: object) -> str:
+    text = repr(value) if isinstance(value, str) else json_text(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+# --- request side ---------------------------------------------------------------------
+
+_EXAMPLE_MODEL: Final = "gpt-4o-mini"
+
+_ENDPOINTS: Final = {
+    "chat/completions": "chat",
+    "responses": "responses",
+    "completions": "completions",
+    "embeddings": "embeddings",
+}
+
+_MAX_TOKEN_FIELDS: Final[dict[str, tuple[str, ...]]] = {
+    "chat": ("max_completion_tokens", "max_tokens"),
+    "completions": ("max_tokens",),
+    "responses": ("max_output_tokens",),
+}
+
+_COMPLETIONS_DEFAULT_MAX_TOKENS: Final = 16
+"""The legacy Completions API generates at most 16 tokens when ``max_tokens`` is absent."""
+
+_INCLUDE_USAGE_MEMBER: Final = b'"stream_options":{"include_usage":true},'
+
+_MISSING: Final = object()
+
+
+def _max_output_tokens(endpoint: str, obj: dict[str, Any]) -> int | None:
+    """The most tokens this request can generate in total, when the request caps it.
+
+    The per-choice cap is multiplied by the number of choices (``n``; for Completions
+    also ``best_of`` and the number of prompts), because every choice is billed: the
+    pipeline reserves on this upper bound.
+    """
+    if endpoint == "embeddings":
+        return 0
+    fields = _MAX_TOKEN_FIELDS.get(endpoint, ())
+    caps = [c for f in fields if (c := token_count(obj.get(f))) is not None]
+    cap: int | None
+    if caps:
+        cap = max(caps)  # both given (chat): the larger one is the safe upper bound
+    elif endpoint == "completions":
+        cap = _COMPLETIONS_DEFAULT_MAX_TOKENS
+    else:
+        cap = None
+    if cap is None or endpoint == "responses":
+        return cap
+    choices = token_count(obj.get("n")) or 1
+    if endpoint == "completions":
+        choices = max(choices, token_count(obj.get("best_of")) or 1)
+        prompt = obj.get("prompt")
+        # A list of strings (or of token-id lists) is a batch: each one gets n choices.
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            choices *= len(prompt)
+    return cap * choices
+
+
+def _with_include_usage(body: bytes, obj: dict[str, Any]) -> bytes | None:
+    """``body`` asking for the final usage chunk, or None when it already does (or when
+    ``stream_options`` is malformed, which the upstream should reject as sent)."""
+    opts = obj.get("stream_options", _MISSING)
+    if opts is _MISSING:
+        # Splice one member in after the opening brace, so every other byte of the
+        # request stays as the client sent it (no float or big-integer re-rendering).
+        # The body parsed as an object with a "model", so its first "{" opens it and
+        # at least one member follows, which makes the trailing comma valid.
+        i = body.find(b"{") + 1
+        return body[:i] + _INCLUDE_USAGE_MEMBER + body[i:]
+    if opts is None:
+        new_opts: dict[str, Any] = {}
+    elif isinstance(opts, dict):
+        if opts.get("include_usage") is True:
+            return None
+        new_opts = dict(opts)
+    else:
+        return None
+    new_opts["include_usage"] = True
+    # Rare (the client sent stream_options without include_usage): re-serialise.
+    try:
+        return orjson.dumps({**obj, "stream_options": new_opts})
+    except orjson.JSONEncodeError:
+        return None  # too deeply nested for orjson to write: relay it as sent
+
+
+# --- usage and text extraction ---------------------------------------------------------
+
+
+def _detail(usage: dict[str, Any], details_key: str, key: str) -> int | None:
+    details = usage.get(details_key)
+    return token_count(details.get(key)) if isinstance(details, dict) else None
+
+
+def usage_from_openai(usage: dict[str, Any], *, embeddings: bool = False) -> Usage | None:
+    """Normalise one OpenAI ``usage`` object (either naming scheme), or None if empty."""
+    if "input_tokens" in usage or "output_tokens" in usage:  # Responses naming
+        result = Usage(
+            input=token_count(usage.get("input_tokens")),
+            output=token_count(usage.get("output_tokens")),
+            cached_input=_detail(usage, "input_tokens_details", "cached_tokens"),
+            reasoning=_detail(usage, "output_tokens_details", "reasoning_tokens"),
+        )
+    else:
+        output = token_count(usage.get("completion_tokens"))
+        if output is None and embeddings:
+            output = 0  # embeddings report only prompt_tokens: nothing is generated
+        result = Usage(
+            input=token_count(usage.get("prompt_tokens")),
+            output=output,
+            cached_input=_detail(usage, "prompt_tokens_details", "cached_tokens"),
+            reasoning=_detail(usage, "completion_tokens_details", "reasoning_tokens"),
+        )
+    if result.input is None and result.output is None:
+        return None
+    return result
+
+
+def _add_content(content: object, out: list[str]) -> None:
+    """Text of a message ``content``: a string, or a list of parts that carry ``text``."""
+    if isinstance(content, str):
+        out.append(content)
+    elif isinstance(content, list):
+        for part in content:
+            if isinstance(part, str):
+                out.append(part)
+            elif isinstance(part, dict):
+                for key in ("text", "refusal"):
+                    if isinstance(value := part.get(key), str):
+                        out.append(value)
+
+
+def _add_function(call: object, out: list[str]) -> None:
+    if isinstance(call, dict):
+        for key in ("name", "arguments"):
+            if isinstance(value := call.get(key), str):
+                out.append(value)
+
+
+def _add_tool_calls(tool_calls: object, out: list[str]) -> None:
+    if isinstance(tool_calls, list):
+        for call in tool_calls:
+            if isinstance(call, dict):
+                _add_function(call.get("function"), out)
+                if isinstance(custom := call.get("custom"), dict):
+                    if isinstance(value := custom.get("input"), str):
+                        out.append(value)
+
+
+def _add_message(message: object, out: list[str]) -> None:
+    """Text of a chat message or delta: content, refusal, reasoning, tool calls."""
+    if not isinstance(message, dict):
+        return
+    _add_content(message.get("content"), out)
+    for key in ("refusal", "reasoning_content"):
+        if isinstance(value := message.get(key), str):
+            out.append(value)
+    _add_tool_calls(message.get("tool_calls"), out)
+    _add_function(message.get("function_call"), out)
+
+
+def _add_response_item(item: object, out: list[str]) -> None:
+    """Text of one Responses ``input`` or ``output`` item."""
+    if isinstance(item, str):
+        out.append(item)
+        return
+    if not isinstance(item, dict):
+        return
+    _add_content(item.get("content"), out)
+    _add_content(item.get("summary"), out)  # reasoning items: [{"type", "text"}]
+    for key in ("arguments", "input", "name"):  # function, custom and MCP tool calls
+        if isinstance(value := item.get(key), str):
+            out.append(value)
+    output = item.get("output")  # function_call_output: a string or content parts
+    _add_content(output, out)
+
+
+def _add_json(value: object, out: list[str]) -> None:
+    """Tool and schema definitions are billed as prompt tokens: count their JSON."""
+    if value is not None:
+        out.append(json_text(value))
+
+
+def loads_object(body: bytes) -> dict[str, Any] | None:
+    """The JSON object in ``body``, or None when it is not one (never raises)."""
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _is_token_ids(value: object) -> TypeGuard[list[int]]:
+    return isinstance(value, list) and bool(value) and all(type(x) is int for x in value)
+
+
+# --- stream meters ---------------------------------------------------------------------
+
+
+class OpenAIChatStreamMeter:
+    """Meters a Chat Completions or Completions stream (``data: {...}`` ... ``[DONE]``).
+
+    With ``strip_usage_chunk`` it removes the usage-only chunk (``"choices": []`` and a
+    ``usage`` object) that the proxy asked for on the client's behalf, holding back at
+    most one unfinished event to do so; otherwise :meth:`feed` returns each chunk as is.
+    """
+
+    def __init__(self, *, strip_usage_chunk: bool = False) -> None:
+        self.usage: Usage | None = None
+        self.completed = False
+        self.model: str | None = None
+        self.malformed = 0
+        self._strip = strip_usage_chunk
+        self._parser = SSEParser()
+        self._bad_events = 0
+        self._failed = False
+        self._text: list[str] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Read ``chunk``; return what to relay now (``chunk`` itself unless stripping)."""
+        events = self._parser.feed(chunk)
+        if not self._strip:
+            for event in events:
+                if event.data:
+                    self._read(event.data)
+            self.malformed = self._bad_events + self._parser.malformed
+            return chunk
+        return self._relay(events)
+
+    def flush(self) -> bytes:
+        """Relay whatever the parser still holds, reading a final unterminated event."""
+        events = self._parser.flush()
+        if not self._strip:
+            for event in events:
+                if event.data:
+                    self._read(event.data)
+            self.malformed = self._bad_events + self._parser.malformed
+            return b""
+        return self._relay(events)
+
+    def output_text(self) -> str:
+        """Content, reasoning, refusal and tool-call text generated so far."""
+        return "".join(self._text)
+
+    def _relay(self, events: list[SSEEvent]) -> bytes:
+        kept = [e.raw for e in events if not (e.data and self._read(e.data))]
+        self.malformed = self._bad_events + self._parser.malformed
+        return kept[0] if len(kept) == 1 else b"".join(kept)
+
+    def _read(self, data: bytes) -> bool:
+        """Account for one event; True if it is the usage-only chunk."""
+        if data == b"[DONE]":
+            self.completed = not self._failed
+            return False
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if data.strip() == b"[DONE]":  # tolerate padding around the terminator
+                self.completed = not self._failed
+            else:
+                self._bad_events += 1
+            return False
+        if not isinstance(obj, dict):
+            self._bad_events += 1
+            return False
+        if isinstance(model := obj.get("model"), str) and model:
+            self.model = model
+        if isinstance(obj.get("error"), dict):
+            # An error mid-stream: whatever follows, this response did not finish.
+            self._failed = True
+            self.completed = False
+        choices = obj.get("choices")
+        if isinstance(choices, list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    _add_message(choice.get("delta"), self._text)
+                    if isinstance(text := choice.get("text"), str):
+                        self._text.append(text)  # legacy Completions
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            return False
+        reported = usage_from_openai(usage)
+        if reported is not None:
+            self.usage = reported if self.usage is None else self.usage.merge(reported)
+        return choices == []
+
+
+_RESPONSES_TEXT_DELTAS: Final = frozenset(
+    {
+        "response.output_text.delta",
+        "response.refusal.delta",
+        "response.function_call_arguments.delta",
+        "response.custom_tool_call_input.delta",
+        "response.mcp_call_arguments.delta",
+        "response.code_interpreter_call_code.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_summary_text.delta",
+        "response.output_audio_transcript.delta",
+    }
+)
+_RESPONSES_TERMINAL: Final = frozenset(
+    {"response.completed", "response.incomplete", "response.failed"}
+)
+
+
+class OpenAIResponsesStreamMeter:
+    """Meters a Responses API stream (typed events, no ``[DONE]``).
+
+    Usage comes from the terminal event (``response.completed``, ``.incomplete`` or
+    ``.failed``), whose ``response`` object carries the final ``usage``. Never strips.
+    """
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.completed = False
+        self.model: str | None = None
+        self.malformed = 0
+        self._parser = SSEParser()
+        self._bad_events = 0
+        self._failed = False
+        self._text: list[str] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Read ``chunk``; return it unchanged."""
+        for event in self._parser.feed(chunk):
+            if event.data:
+                self._read(event.data)
+        self.malformed = self._bad_events + self._parser.malformed
+        return chunk
+
+    def flush(self) -> bytes:
+        """Read a final unterminated event, if any; nothing is ever held back."""
+        for event in self._parser.flush():
+            if event.data:
+                self._read(event.data)
+        self.malformed = self._bad_events + self._parser.malformed
+        return b""
+
+    def output_text(self) -> str:
+        """Output, refusal, tool-argument and reasoning text generated so far."""
+        return "".join(self._text)
+
+    def _read(self, data: bytes) -> None:
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self._bad_events += 1
+            return
+        if not isinstance(obj, dict):
+            self._bad_events += 1
+            return
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            kind = ""  # (a list here would not even be hashable for the set lookups)
+        if kind in _RESPONSES_TEXT_DELTAS:
+            if isinstance(delta := obj.get("delta"), str):
+                self._text.append(delta)
+            return
+        if kind == "error":
+            self._failed = True
+            self.completed = False
+            return
+        response = obj.get("response")
+        if not isinstance(response, dict):
+            return
+        if isinstance(model := response.get("model"), str) and model:
+            self.model = model
+        if kind in _RESPONSES_TERMINAL:
+            usage = response.get("usage")
+            if isinstance(usage, dict) and (reported := usage_from_openai(usage)):
+                self.usage = reported if self.usage is None else self.usage.merge(reported)
+            self.completed = not self._failed
+
+
+# --- the provider ----------------------------------------------------------------------
+
+
+class OpenAIProvider:
+    """Translator for the OpenAI wire format (also OpenAI-compatible upstreams)."""
+
+    name = "openai"
+
+    def parse_request(self, path: str, body: bytes) -> ParsedRequest:
+        """Facts for metering; injects ``stream_options.include_usage`` when needed.
+
+        Unmetered paths are not parsed at all, so any body passes through. For metered
+        ones, one ``orjson.loads``; the body is returned as the very same object unless
+        include_usage was injected into a streamed Chat Completions or Completions call.
+        """
+        endpoint = _ENDPOINTS.get(normalise_path(path))
+        if endpoint is None:
+            return ParsedRequest("other", False, None, False, None, None, body)
+        obj = load_request_object(body, _EXAMPLE_MODEL)
+        model = require_model(obj, _EXAMPLE_MODEL)
+        stream = obj.get("stream") is True and endpoint != "embeddings"
+        end_user = nonempty_str(obj.get("user")) or nonempty_str(obj.get("safety_identifier"))
+        upstream_body = body
+        strip = False
+        if stream and endpoint in ("chat", "completions"):
+            injected = _with_include_usage(body, obj)
+            if injected is not None:
+                upstream_body, strip = injected, True
+        return ParsedRequest(
+            endpoint=endpoint,
+            metered=True,
+            model=model,
+            stream=stream,
+            max_output_tokens=_max_output_tokens(endpoint, obj),
+            end_user=end_user,
+            body=upstream_body,
+            strip_usage_chunk=strip,
+        )
+
+    def usage_from_body(self, endpoint: str, body: bytes) -> tuple[Usage | None, str | None]:
+        """Usage and served model from a complete response body; (None, None) on garbage."""
+        obj = loads_object(body)
+        if obj is None:
+            return None, None
+        model = nonempty_str(obj.get("model"))
+        usage = obj.get("usage")
+        if not isinstance(usage, dict):
+            return None, model
+        return usage_from_openai(usage, embeddings=endpoint == "embeddings"), model
+
+    def stream_meter(
+        self, parsed: ParsedRequest
+    ) -> OpenAIChatStreamMeter | OpenAIResponsesStreamMeter:
+        """A Responses meter for ``responses``, else a Chat/Completions meter."""
+        if parsed.endpoint == "responses":
+            return OpenAIResponsesStreamMeter()
+        return OpenAIChatStreamMeter(strip_usage_chunk=parsed.strip_usage_chunk)
+
+    def prompt_text(self, body: bytes) -> str:
+        """Messages, prompt, input, instructions, tool and schema JSON, joined by newlines.
+
+        Token-id prompts are not text; count them with :meth:`prompt_token_ids_count`.
+        Images, audio and files are not represented. Never raises.
+        """
+        obj = loads_object(body)
+        if obj is None:
+            return ""
+        out: list[str] = []
+        if isinstance(instructions := obj.get("instructions"), str):
+            out.append(instructions)
+        if isinstance(messages := obj.get("messages"), list):
+            for message in messages:
+                _add_message(message, out)
+        for key in ("prompt", "input"):
+            value = obj.get(key)
+            if isinstance(value, str):
+                out.append(value)
+            elif isinstance(value, list):
+                for item in value:
+                    _add_response_item(item, out)
+        for key in ("tools", "functions", "response_format"):
+            _add_json(obj.get(key), out)
+        if isinstance(text := obj.get("text"), dict):  # Responses structured output
+            _add_json(text.get("format"), out)
+        return "\n".join(out)
+
+    def prompt_token_ids_count(self, body: bytes) -> int:
+        """How many prompt tokens are given as token ids (Completions ``prompt``,
+        Embeddings ``input``: an array of ints or an array of such arrays)."""
+        obj = loads_object(body)
+        if obj is None:
+            return 0
+        total = 0
+        for key in ("prompt", "input"):
+            value = obj.get(key)
+            if _is_token_ids(value):
+                total += len(value)
+            elif isinstance(value, list):
+                total += sum(len(v) for v in value if _is_token_ids(v))
+        return total
+
+    def output_text_from_body(self, endpoint: str, body: bytes) -> str:
+        """Generated text in a complete body (choices or Responses output items)."""
+        obj = loads_object(body)
+        if obj is None:
+            return ""
+        out: list[str] = []
+        if isinstance(choices := obj.get("choices"), list):
+            for choice in choices:
+                if isinstance(choice, dict):
+                    _add_message(choice.get("message"), out)
+                    if isinstance(text := choice.get("text"), str):
+                        out.append(text)
+        if isinstance(output := obj.get("output"), list):
+            for item in output:
+                _add_response_item(item, out)
+        return "".join(out)
+
+    def upstream_auth_headers(self, api_key: str) -> dict[str, str]:
+        """OpenAI takes the key as a bearer token."""
+        return {"Authorization": f"Bearer {api_key}"}
