@@ -12,11 +12,13 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from aiohttp import web
 
 from proxy.app import build_app
+from proxy.ledger import LedgerRecord
 from proxy.pricing import Catalog, describe
 from proxy.report import format_report, nanos_to_usd_str, parse_period
 from proxy.settings import ConfigError, load_settings
@@ -186,9 +188,9 @@ def _ledger_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_json(record: object) -> dict[str, object]:
-    data = {name: getattr(record, name) for name in record.__slots__}  # type: ignore[attr-defined]
-    data["cost_usd"] = nanos_to_usd_str(int(data["cost_nanos"]))  # type: ignore[call-overload]
+def _record_json(record: LedgerRecord) -> dict[str, Any]:
+    data = record.to_dict()
+    data["cost_usd"] = nanos_to_usd_str(record.cost_nanos)
     return data
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     # Only for annotations: proxy.store imports this module at run time.
@@ -50,6 +50,12 @@ class LedgerRecord:
     latency_ms: float
     error: str | None = None
     extra: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field by name (tags as a list), for JSON output and logs."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["tags"] = list(self.tags)
+        return out
 
 
 _Pending = tuple[LedgerRecord, "asyncio.Future[None]"]

@@ -500,7 +500,7 @@ class Pipeline:
             # the failure is counted and logged with the whole record so it can be
             # replayed by hand.
             self.metrics.store_errors.labels("ledger_write").inc()
-            log.exception("ledger write failed; record: %s", orjson.dumps(_record_dict(record)))
+            log.exception("ledger write failed; record: %s", orjson.dumps(record.to_dict()))
         self._observe(ex, outcome=_outcome(ex))
         self.metrics.duration.labels(ex.upstream.name).observe(latency_ms / 1000.0)
         self.metrics.overhead.observe(max(0.0, latency_ms / 1000.0 - ex.upstream_wait))
@@ -604,10 +604,6 @@ def _outcome(ex: Exchange) -> str:
     if ex.status in (402, 429) and ex.error in ("budget_exceeded", "rate_limit_exceeded"):
         return "refused_budget" if ex.status == 402 else "refused_rate"
     return status_class(ex.status) if ex.status else "error"
-
-
-def _record_dict(record: LedgerRecord) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__slots__}  # type: ignore[attr-defined]
 
 
 def _access_entry(record: LedgerRecord) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.settings import UpstreamSettings
 
 try:  # brotli is optional: without it, "br" is simply not offered upstream.
-    import brotli as _brotli  # type: ignore[import-not-found]
+    import brotli as _brotli
 except ImportError:  # pragma: no cover - depends on the environment
     _brotli = None
 

@@ -46,16 +46,22 @@ class RunningProxy:
         return store
 
     def openai(self, key: str = KEY_A, **kw: Any) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=f"{self.url}/openai/v1", api_key=key, max_retries=0, **kw)
+        return openai.AsyncOpenAI(
+            base_url=f"{self.url}/openai/v1", api_key=key, max_retries=0, **kw
+        )
 
     def openai_sync(self, key: str = KEY_A, **kw: Any) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/openai/v1", api_key=key, max_retries=0, **kw)
 
     def anthropic(self, key: str = KEY_A, **kw: Any) -> anthropic.AsyncAnthropic:
-        return anthropic.AsyncAnthropic(base_url=f"{self.url}/anthropic", api_key=key, max_retries=0, **kw)
+        return anthropic.AsyncAnthropic(
+            base_url=f"{self.url}/anthropic", api_key=key, max_retries=0, **kw
+        )
 
     def anthropic_sync(self, key: str = KEY_A, **kw: Any) -> anthropic.Anthropic:
-        return anthropic.Anthropic(base_url=f"{self.url}/anthropic", api_key=key, max_retries=0, **kw)
+        return anthropic.Anthropic(
+            base_url=f"{self.url}/anthropic", api_key=key, max_retries=0, **kw
+        )
 
     def metric(self, name: str, labels: dict[str, str] | None = None) -> float:
         value = self.registry.get_sample_value(name, labels or {})
@@ -69,10 +75,18 @@ def base_config(fake_url: str, store: str) -> dict[str, Any]:
         "store": store,
         "unknown_model": "reject",
         "upstreams": {
-            "openai": {"url": fake_url, "format": "openai", "api_key": UPSTREAM_KEY_OPENAI,
-                       "read_timeout_s": 5},
-            "anthropic": {"url": fake_url, "format": "anthropic", "api_key": UPSTREAM_KEY_ANTHROPIC,
-                          "read_timeout_s": 5},
+            "openai": {
+                "url": fake_url,
+                "format": "openai",
+                "api_key": UPSTREAM_KEY_OPENAI,
+                "read_timeout_s": 5,
+            },
+            "anthropic": {
+                "url": fake_url,
+                "format": "anthropic",
+                "api_key": UPSTREAM_KEY_ANTHROPIC,
+                "read_timeout_s": 5,
+            },
         },
         "keys": [
             {"key": KEY_A, "name": "app-a", "team": "search", "user": "alice"},
@@ -116,8 +130,12 @@ ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 async def make_proxy(fake: FakeUpstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     runners: list[web.AppRunner] = []
 
-    async def factory(overrides: dict[str, Any] | None = None, *, store: str | None = None,
-                      upstream_url: str | None = None) -> RunningProxy:
+    async def factory(
+        overrides: dict[str, Any] | None = None,
+        *,
+        store: str | None = None,
+        upstream_url: str | None = None,
+    ) -> RunningProxy:
         config = deep_merge(
             base_config(upstream_url or fake.url, store or f"sqlite:///{tmp_path}/ledger.db"),
             overrides or {},
