@@ -22,8 +22,7 @@ from typing import Any, Final
 
 import orjson
 
-from proxy.providers.base import ParsedRequest
-from proxy.providers.openai import (
+from proxy.providers._json import (
     json_text,
     load_request_object,
     loads_object,
@@ -32,6 +31,7 @@ from proxy.providers.openai import (
     require_model,
     token_count,
 )
+from proxy.providers.base import ParsedRequest
 from proxy.providers.sse import SSEParser
 from proxy.usage import Usage
 
