@@ -60,6 +60,8 @@ REQUEST_ID_HEADER = "X-Metergate-Request-Id"
 COST_HEADER = "X-Metergate-Cost-USD"
 #: Bodies above this many bytes have their prompt text extracted off the event loop.
 INLINE_PARSE_LIMIT = 64 * 1024
+#: How often a stream checks that its client is still connected (seconds).
+CLIENT_CHECK_INTERVAL_S = 0.5
 _NOT_METERED = ParsedRequest(
     endpoint="other",
     metered=False,
@@ -239,9 +241,11 @@ class Pipeline:
         except TimeoutError:
             return await self._upstream_failed(
                 ex,
+                # Either bound can fire here: connecting, or waiting for the headers.
                 UpstreamTimeout(
-                    f"The upstream {up.name!r} did not answer within "
-                    f"{up.connect_timeout_s:g} s. Try again later."
+                    f"The upstream {up.name!r} did not answer in time (connect timeout "
+                    f"{up.connect_timeout_s:g} s, read timeout {up.read_timeout_s:g} s). "
+                    "Try again later."
                 ),
                 t_sent,
             )
@@ -278,20 +282,42 @@ class Pipeline:
         await self._record(ex)
         return _error_response(err, ex.provider.name, ex.request_id)
 
+    async def _body_broken(
+        self, ex: Exchange, status: int, err: MetergateError, error: str, t_read: float
+    ) -> web.Response:
+        """The upstream sent its headers, then broke off (or stalled) within the body.
+
+        A provider that answered 2xx has done, and bills, the work even though its answer
+        never arrived whole, so the request is charged with estimated usage (nothing
+        counted for the lost output) rather than recorded at zero like a refusal.
+        """
+        ex.upstream_wait += time.perf_counter() - t_read
+        charge = _charged(ex, status)
+        ex.status = err.status
+        ex.error = error
+        await self._finish(ex, None, output_text="", charge=charge)
+        return _error_response(err, ex.provider.name, ex.request_id)
+
     async def _relay_body(self, ex: Exchange, resp: aiohttp.ClientResponse) -> web.StreamResponse:
         t_read = time.perf_counter()
         try:
             raw = await resp.read()
         except TimeoutError:
-            return await self._upstream_failed(
-                ex, UpstreamTimeout(f"The upstream {ex.upstream.name!r} stopped answering."), t_read
+            return await self._body_broken(
+                ex,
+                resp.status,
+                UpstreamTimeout(f"The upstream {ex.upstream.name!r} stopped answering."),
+                "upstream_timeout",
+                t_read,
             )
         except aiohttp.ClientError:
-            return await self._upstream_failed(
+            return await self._body_broken(
                 ex,
+                resp.status,
                 UpstreamUnavailable(
                     f"The upstream {ex.upstream.name!r} broke the connection mid-response."
                 ),
+                "upstream_reset",
                 t_read,
             )
         ex.upstream_wait += time.perf_counter() - t_read
@@ -327,39 +353,44 @@ class Pipeline:
         await out.prepare(request)
         charge = _charged(ex, resp.status)
         content = resp.content
-        while True:
-            t_read = time.perf_counter()
-            try:
-                chunk = await content.readany()
-            except TimeoutError:
-                ex.error = "upstream_timeout"
-                break
-            except aiohttp.ClientError:
-                ex.error = "upstream_reset"
-                break
-            finally:
-                ex.upstream_wait += time.perf_counter() - t_read
-            if not chunk:
-                break
-            if decoder is None and "undecodable" not in ex.extra:
-                send = meter.feed(chunk)
-            else:
-                send = chunk
-                if decoder is not None:
-                    try:
-                        meter.feed(decoder.decompress(chunk))
-                    except Exception:  # a corrupt compressed stream: relay, can't meter
-                        decoder = None
-                        ex.extra["undecodable"] = encoding or ""
-            if meter.completed and not ex.recorded:
-                # The terminator is in this chunk: record before the client sees it.
-                await self._finish_stream(ex, meter, charge)
-            if send:
+        watchdog = asyncio.get_running_loop().create_task(self._watch_client(request, ex, resp))
+        try:
+            while True:
+                t_read = time.perf_counter()
                 try:
-                    await out.write(send)
-                except (ConnectionResetError, RuntimeError):
-                    ex.error = "client_disconnect"
+                    chunk = await content.readany()
+                except TimeoutError:
+                    ex.error = ex.error or "upstream_timeout"
                     break
+                except aiohttp.ClientError:
+                    # (or the watchdog closed it, having set "client_disconnect")
+                    ex.error = ex.error or "upstream_reset"
+                    break
+                finally:
+                    ex.upstream_wait += time.perf_counter() - t_read
+                if not chunk:
+                    break
+                if decoder is None and "undecodable" not in ex.extra:
+                    send = meter.feed(chunk)
+                else:
+                    send = chunk
+                    if decoder is not None:
+                        try:
+                            meter.feed(decoder.decompress(chunk))
+                        except Exception:  # a corrupt compressed stream: relay, can't meter
+                            decoder = None
+                            ex.extra["undecodable"] = encoding or ""
+                if meter.completed and not ex.recorded:
+                    # The terminator is in this chunk: record before the client sees it.
+                    await self._finish_stream(ex, meter, charge)
+                if send:
+                    try:
+                        await out.write(send)
+                    except (ConnectionResetError, RuntimeError):
+                        ex.error = "client_disconnect"
+                        break
+        finally:
+            watchdog.cancel()
         if ex.error == "client_disconnect":
             resp.close()  # cancel the upstream request: stop generating tokens we pay for
         else:
@@ -373,12 +404,39 @@ class Pipeline:
             if ex.error is None:
                 ex.error = "stream_incomplete"
             await self._finish_stream(ex, meter, charge)
-        if ex.error != "client_disconnect":
+        if ex.error in ("upstream_reset", "upstream_timeout"):
+            # The upstream broke the stream: break the client's the same way (close
+            # without ending the chunked body) rather than end it cleanly, so the client
+            # sees the failure it would see from the provider instead of mistaking a
+            # truncated answer for a complete one (the OpenAI SDK does not need [DONE]).
+            if request.transport is not None:
+                request.transport.close()
+        elif ex.error != "client_disconnect":
             try:
                 await out.write_eof()
             except (ConnectionResetError, RuntimeError):
                 pass
         return out
+
+    @staticmethod
+    async def _watch_client(
+        request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse
+    ) -> None:
+        """Cancel the upstream request as soon as the client of a stream goes away.
+
+        Without this the proxy learns of a departed client only when it next writes to
+        it, which may be minutes later: a reasoning model can think (and bill) for a
+        long time between two events. aiohttp does not cancel the handler on a lost
+        connection by default, but it sets ``request.transport`` to None; polling that
+        costs one timer per stream. Closing ``resp`` wakes the relay loop's read.
+        """
+        while True:
+            await asyncio.sleep(CLIENT_CHECK_INTERVAL_S)
+            if request.transport is None:
+                if ex.error is None and not ex.recorded:
+                    ex.error = "client_disconnect"
+                resp.close()
+                return
 
     async def _finish_stream(self, ex: Exchange, meter: StreamMeter, charge: bool) -> None:
         if meter.malformed:
@@ -557,7 +615,9 @@ def _relative_raw_path(request: web.Request) -> str:
     raw = request.raw_path
     prefix_len = len(request.match_info["upstream"]) + 2  # "/name/"
     rel = raw[prefix_len:]
-    lowered = rel.lower()
+    # Only the path can be used to traverse; the query string is data and is relayed as
+    # sent (an encoded '/' or '.' in a query value, e.g. a pagination cursor, is legal).
+    lowered = rel.partition("?")[0].lower()
     if "%2e" in lowered or "%2f" in lowered or "%5c" in lowered:
         raise BadRequest(
             "The request path may not contain encoded '.', '/' or '\\'.", code="invalid_path"
@@ -576,6 +636,15 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(
             f"The request body is larger than this proxy's limit of {limit} bytes."
+        ) from None
+    except web.RequestPayloadError:
+        # aiohttp could not decode the body (a corrupt gzip/deflate/br body, or broken
+        # chunked framing). Without this it escapes as a plain-text 500.
+        raise BadRequest(
+            "The request body could not be read: its Content-Encoding or chunked framing "
+            "is corrupt. Send the body uncompressed, or compressed as its "
+            "Content-Encoding header says.",
+            code="invalid_body",
         ) from None
 
 

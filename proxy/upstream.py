@@ -41,6 +41,11 @@ HOP_BY_HOP = frozenset(
     )
 )
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "authorization", "x-api-key", "expect"}
+#: Request ``Content-Encoding``s that aiohttp's server decodes before the proxy reads the
+#: body (aiohttp ``http_parser``: exactly these single tokens). The proxy forwards the
+#: decoded bytes, so it must not forward the header: the upstream would try to decode
+#: plain JSON again and fail.
+SERVER_DECODED_ENCODINGS = frozenset({"gzip", "deflate", "br", "zstd"})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 DECODABLE = ("gzip", "deflate", "br") if _brotli is not None else ("gzip", "deflate")
 
@@ -73,6 +78,8 @@ def upstream_request_headers(
     for name, value in incoming.items():
         lower = name.lower()
         if lower in drop or lower.startswith("x-metergate-") or lower == "accept-encoding":
+            continue
+        if lower == "content-encoding" and value.strip().lower() in SERVER_DECODED_ENCODINGS:
             continue
         out.add(name, value)
     out.update(auth)

@@ -47,7 +47,8 @@ class Served:
         self.proc: subprocess.Popen[bytes] | None = None
 
     async def start(self) -> None:
-        self.proc = subprocess.Popen(
+        # Popen returns at once; the readiness wait below is the async part.
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
             [*METERGATE, "serve", "--config", str(self.config), "--log-level", "WARNING"],
             cwd=self.config.parent,
         )
@@ -104,18 +105,20 @@ async def test_kill_9_loses_no_completed_request_and_restart_keeps_the_ledger(
 ) -> None:
     completed: list[str] = []
     stop = asyncio.Event()
+    enough = asyncio.Event()
 
     async def client() -> None:
         async with aiohttp.ClientSession() as s:
             while not stop.is_set():
                 try:
                     completed.append(await _post(s, served.url, KEY_A))
+                    if len(completed) >= 300:
+                        enough.set()
                 except (aiohttp.ClientError, AssertionError):
                     return  # the server died under us: that request did not complete
 
     tasks = [asyncio.create_task(client()) for _ in range(16)]
-    while len(completed) < 300:
-        await asyncio.sleep(0.01)
+    await asyncio.wait_for(enough.wait(), timeout=60)
     served.kill(signal.SIGKILL)
     stop.set()
     await asyncio.gather(*tasks)
@@ -145,19 +148,29 @@ async def test_report_groups_and_totals_exactly(served: Served, tmp_path: Path) 
             await _post(s, served.url, KEY_A if i % 2 else KEY_B, tags="exp-1" if i < 3 else "")
     served.kill(signal.SIGTERM)
 
-    table = _run("report", "--config", str(served.config), "--by", "team", "--since", "1h",
-                 cwd=tmp_path)
+    table = _run(
+        "report", "--config", str(served.config), "--by", "team", "--since", "1h", cwd=tmp_path
+    )
     assert table.returncode == 0, table.stderr
     assert "search" in table.stdout and "support" in table.stdout and "TOTAL" in table.stdout
 
-    as_json = _run("report", "--config", str(served.config), "--by", "team,model",
-                   "--format", "json", cwd=tmp_path)
+    as_json = _run(
+        "report",
+        "--config",
+        str(served.config),
+        "--by",
+        "team,model",
+        "--format",
+        "json",
+        cwd=tmp_path,
+    )
     data = json.loads(as_json.stdout)
     assert sum(r["cost_nanos"] for r in data["rows"]) == data["total"]["cost_nanos"] > 0
     assert sum(r["requests"] for r in data["rows"]) == 6
 
-    by_tag = _run("report", "--config", str(served.config), "--by", "tag", "--format", "csv",
-                  cwd=tmp_path)
+    by_tag = _run(
+        "report", "--config", str(served.config), "--by", "tag", "--format", "csv", cwd=tmp_path
+    )
     lines = by_tag.stdout.strip().splitlines()
     assert lines[0].startswith("tag,")
     assert {line.split(",")[0] for line in lines[1:]} == {"exp-1", "batch", "(none)"}
@@ -193,9 +206,18 @@ def test_example_config_serves_on_a_fresh_machine(tmp_path: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if not k.endswith("_API_KEY")}
     proc = subprocess.Popen(
-        [*METERGATE, "serve", "--config", str(repo / "config/metergate.example.yaml"),
-         "--port", str(port)],
-        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            *METERGATE,
+            "serve",
+            "--config",
+            str(repo / "config/metergate.example.yaml"),
+            "--port",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 30

@@ -52,10 +52,10 @@ def test_env_defaults_and_missing_variables() -> None:
     raw = {**MINIMAL, "store": "${STORE:-memory://}"}
     assert parse_settings(raw, {}).store == "memory://"
     assert parse_settings(raw, {"STORE": "sqlite:///x.db"}).store == "sqlite:///x.db"
-    with pytest.raises(ConfigError, match=r"upstreams\.openai\.api_key: the environment variable K"):
-        parse_settings(
-            {"upstreams": {"openai": {"url": "https://x", "api_key": "${K}"}}}, {}
-        )
+    with pytest.raises(
+        ConfigError, match=r"upstreams\.openai\.api_key: the environment variable K"
+    ):
+        parse_settings({"upstreams": {"openai": {"url": "https://x", "api_key": "${K}"}}}, {})
 
 
 @pytest.mark.parametrize(
@@ -70,8 +70,10 @@ def test_env_defaults_and_missing_variables() -> None:
         ({"upstreams": {"x": {"url": "https://x", "format": "cohere"}}}, "upstreams.x.format"),
         ({"upstreams": {"metrics": {"url": "https://x", "format": "openai"}}}, "upstreams.metrics"),
         ({"keys": [{"key": "short", "name": "a"}]}, r"keys\[0\]\.key"),
-        ({"keys": [{"key": "mg-123456789", "name": "a"}, {"key": "mg-123456789", "name": "b"}]},
-         r"keys\[1\]\.key"),
+        (
+            {"keys": [{"key": "mg-123456789", "name": "a"}, {"key": "mg-123456789", "name": "b"}]},
+            r"keys\[1\]\.key",
+        ),
         ({"keys": [{"key": "mg-123456789"}]}, r"keys\[0\]\.name"),
         ({"fallback_price": {"input": "cheap", "output": 1}}, "fallback_price.input"),
         ({"passthrough_keys": "maybe"}, "passthrough_keys"),
@@ -96,7 +98,5 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
 def test_relative_prices_path_is_found_next_to_the_config(tmp_path: Path) -> None:
     (tmp_path / "my-prices.yaml").write_text("models: {}\n")
     cfg = tmp_path / "m.yaml"
-    cfg.write_text(
-        "upstreams: {openai: {url: 'https://api.openai.com'}}\nprices: my-prices.yaml\n"
-    )
+    cfg.write_text("upstreams: {openai: {url: 'https://api.openai.com'}}\nprices: my-prices.yaml\n")
     assert load_settings(cfg, environ={}).prices == str(tmp_path / "my-prices.yaml")
