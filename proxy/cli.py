@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 import time
@@ -108,6 +109,10 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     app = build_app(settings)
+    # Everything loaded so far (catalog, modules) lives for the whole process: moving it
+    # out of the collector's generations avoids full collections that pause the loop.
+    gc.collect()
+    gc.freeze()
     loop = _new_loop()
     web.run_app(
         app,
