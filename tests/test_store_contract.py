@@ -1,8 +1,11 @@
 """One contract, every store backend.
 
-The ``store`` fixture runs each test on every backend in :data:`BACKENDS`. A new
-backend (Redis, Redis Cluster) joins the suite by adding one factory there; backend-
-specific tests (SQLite durability, URL parsing) follow the contract tests.
+The ``store`` fixture runs each test on every backend in :data:`BACKENDS`: memory,
+SQLite, a real Redis and a real 3-node Redis Cluster (started by
+:mod:`tests.redis_servers`; the Redis tests fail, never skip, without
+``redis-server``). A new backend joins the suite by adding one factory there; the
+budget contract (``tests/test_budget_contract.py``) runs on the same factories.
+Backend-specific tests (SQLite durability, URL parsing) follow the contract tests.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import signal
 import sqlite3
 import sys
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
@@ -32,7 +36,14 @@ from proxy.store import (
     register_store,
 )
 from proxy.store.aggregate import NONE_LABEL, day_of
+from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SCHEMA_VERSION
+from tests.redis_servers import (  # the fixtures are used by name
+    RedisClusterServers,
+    RedisServer,
+    redis_cluster,  # noqa: F401
+    redis_server,  # noqa: F401
+)
 
 DAY_MS = 86_400_000
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -41,24 +52,44 @@ BASE_MS = 20_400 * DAY_MS  # 2025-11-08T00:00Z, a midnight, to test day edges
 # -- backends ----------------------------------------------------------------------------
 
 
-async def _memory(tmp_path: Path) -> Store:
+async def _memory(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store("memory://")
 
 
-async def _sqlite(tmp_path: Path) -> Store:
+async def _sqlite(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     return open_store(f"sqlite:///{tmp_path}/ledger.db")
 
 
-BACKENDS: dict[str, Callable[[Path], Awaitable[Store]]] = {
+def fresh_namespace() -> str:
+    """A namespace no other test uses: each test sees an empty Redis store."""
+    return "t" + uuid.uuid4().hex[:12]
+
+
+async def _redis(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return open_store(f"{server.url}/0?namespace={fresh_namespace()}")
+
+
+async def _redis_cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+    return open_store(f"{cluster.url}?namespace={fresh_namespace()}")
+
+
+StoreFactory = Callable[[pytest.FixtureRequest, Path], Awaitable[Store]]
+
+BACKENDS: dict[str, StoreFactory] = {
     "memory": _memory,
     "sqlite": _sqlite,
+    "redis": _redis,
+    "redis-cluster": _redis_cluster,
 }
-"""Each factory returns an unopened store; the fixture opens and closes it."""
+"""Each factory returns an unopened store; the fixture opens and closes it. The Redis
+servers start only when a Redis test runs (``request.getfixturevalue``)."""
 
 
 @pytest.fixture(params=list(BACKENDS))
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = await BACKENDS[request.param](tmp_path)
+    backend = await BACKENDS[request.param](request, tmp_path)
     await backend.open()
     yield backend
     await backend.close()
@@ -292,7 +323,10 @@ def test_open_store_by_url() -> None:
 @pytest.mark.parametrize(
     ("url", "message"),
     [
-        ("postgres://db/x", r"No store backend handles postgres://.*memory://, sqlite://"),
+        (
+            "postgres://db/x",
+            r"No store backend handles postgres://.*memory://, redis://.*sqlite://",
+        ),
         ("ledger.db", "has no scheme"),
         ("sqlite://host/ledger.db", "names a host"),
         ("sqlite:///", "no file path"),
@@ -302,6 +336,34 @@ def test_open_store_by_url() -> None:
     ],
 )
 def test_bad_urls_are_explained(url: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        open_store(url)
+
+
+def test_redis_urls() -> None:
+    plain = open_store("redis://:secret@127.0.0.1:6390/2?socket_timeout=0.5")
+    assert isinstance(plain, RedisStore)
+    assert (plain.cluster, plain.namespace) == (False, "mg")
+    cluster = open_store("redis+cluster://10.0.0.1:7000?namespace=prod-eu&retention_s=60")
+    assert isinstance(cluster, RedisStore)
+    assert (cluster.cluster, cluster.namespace, cluster.settled_retention_s) == (
+        True,
+        "prod-eu",
+        60.0,
+    )
+    for scheme in ("rediss", "rediss+cluster"):
+        assert isinstance(open_store(f"{scheme}://h:1"), RedisStore)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis://h:1?namespace=a{b}", "namespace 'a{b}' is not valid"),
+        ("redis://h:1?retention_s=soon", "retention_s='soon' is not a number"),
+        ("redis:///0", "names no host"),
+    ],
+)
+def test_bad_redis_urls_are_explained(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         open_store(url)
 

@@ -5,9 +5,11 @@
     store = open_store("sqlite:///var/metergate/ledger.db")
     await store.open()
 
-Built in: ``memory://`` (tests, throwaway runs) and ``sqlite:///path`` (the embedded
-default; ``sqlite:////abs/path`` for an absolute path). Other backends plug in with
-:func:`register_store`, e.g. the Redis backend registers ``redis`` and ``rediss``.
+Built in: ``memory://`` (tests, throwaway runs), ``sqlite:///path`` (the embedded
+default; ``sqlite:////abs/path`` for an absolute path), and Redis shared by replicas:
+``redis://``, ``rediss://`` (TLS), ``redis+cluster://`` and ``rediss+cluster://`` (Redis
+Cluster; see :mod:`proxy.store.redis`). Other backends plug in with
+:func:`register_store`.
 """
 
 from __future__ import annotations
@@ -15,15 +17,22 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from proxy.store.aggregate import GROUP_COLUMNS, NONE_LABEL, ReportRow, aggregate
-from proxy.store.base import Store
+from proxy.store.base import BudgetState, RateItem, ReserveItem, ReserveResult, Store
 from proxy.store.memory import MemoryStore
+from proxy.store.redis import SCHEMES as REDIS_SCHEMES
+from proxy.store.redis import RedisStore
 from proxy.store.sqlite import SqliteStore
 
 __all__ = [
     "GROUP_COLUMNS",
     "NONE_LABEL",
+    "BudgetState",
     "MemoryStore",
+    "RateItem",
+    "RedisStore",
     "ReportRow",
+    "ReserveItem",
+    "ReserveResult",
     "SqliteStore",
     "Store",
     "StoreFactory",
@@ -78,3 +87,5 @@ def open_store(url: str) -> Store:
 
 register_store("memory", MemoryStore.from_url)
 register_store("sqlite", SqliteStore.from_url)
+for _scheme in REDIS_SCHEMES:
+    register_store(_scheme, RedisStore.from_url)

@@ -1,22 +1,196 @@
-"""The store contract: where the ledger (and, later, budgets) live.
+"""The store contract: where the ledger and the budget counters live.
 
 Backends are chosen by URL through :func:`proxy.store.open_store`. Every backend must
-pass the same contract suite in ``tests/test_store_contract.py``.
+pass the same contract suites: ``tests/test_store_contract.py`` (ledger) and
+``tests/test_budget_contract.py`` (reservations, settles, expiry, rate limits).
+
+Budgets: reserve, then settle
+-----------------------------
+A budget is a counter pair under a *budget key* that the caller chooses (the budget's
+name and period id, see :func:`proxy.budget.budget_key`), so a new period is simply a
+new key that starts at zero::
+
+    spent     nano-USD settled in this period
+    reserved  nano-USD held by reservations not yet settled
+
+:meth:`Store.reserve` checks and holds an upper bound on every matching budget at once,
+all or nothing; :meth:`Store.settle` replaces the hold by the actual cost, exactly once
+per reservation id; :meth:`Store.release` drops a hold that will cost nothing. A hard
+cap holds because the check ``spent + reserved + amount <= limit`` and the write happen
+in one atomic step, and because every admitted request holds its worst case until it
+settles. A settle may charge more than was reserved (spend is never dropped), so
+``spent`` can exceed the limit only by what the estimates under-counted.
+
+Reservations expire: one not settled within its ``ttl_s`` is released by the next
+store call that sweeps (reserve, settle, release, state), so a crashed replica cannot
+hold budget forever. Its spend, unknown to everyone once the replica is gone, is then
+not charged; see :mod:`proxy.budget` for that trade-off. A settle arriving after its
+reservation expired still charges its actual cost.
+
+Rate limits (requests or tokens per minute) are GCRA token buckets checked in the same
+atomic step; see :class:`RateItem`. Time for expiry and rate limits is the store's own
+clock (Redis ``TIME``), never the caller's.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal, NamedTuple
 
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import GROUP_COLUMNS, ReportRow, aggregate
 
-__all__ = ["GROUP_COLUMNS", "ReportRow", "Store"]
+__all__ = [
+    "DEFAULT_SETTLED_RETENTION_S",
+    "GROUP_COLUMNS",
+    "MAX_NANOS",
+    "BudgetState",
+    "RateItem",
+    "ReportRow",
+    "ReserveItem",
+    "ReserveResult",
+    "Store",
+    "validate_reserve",
+    "validate_settle",
+]
+
+MAX_NANOS: Final = 2**53 - 1
+"""The largest amount or limit a store accepts: about 9 million USD in nano-USD.
+
+Redis scripts compute in Lua numbers (IEEE doubles), exact for integers up to 2**53;
+every backend refuses larger values so that all of them give the same answers."""
+
+DEFAULT_SETTLED_RETENTION_S: Final = 3_600
+"""How long a store remembers that a reservation id was settled or released, so that a
+replayed settle (journal, client retry) is a no-op. A replay older than this would be
+charged again.
+
+Why one hour: on Redis each remembered id costs about 160 bytes (measured with 32-hex
+ids), i.e. about 56 MB at 100 requests/s for an hour, 1.3 GB for a day. Only one kind
+of replay can come late: a settle that timed out *after* the store applied it, was
+journaled, and is replayed when an outage that began right then ends. Such settles
+are at most the ones in flight when the store became unreachable, and they are charged
+twice only if that outage lasts longer than the retention. Raise ``retention_s`` (a
+Redis URL option) when longer outages must not over-count, at that memory cost."""
+
+
+class ReserveItem(NamedTuple):
+    """One budget a reservation holds money on.
+
+    ``limit_nanos`` None means "no cap, just count". ``hard`` False (a soft budget)
+    never refuses; the result reports it in ``soft_exceeded`` instead.
+    """
+
+    key: str
+    limit_nanos: int | None
+    amount_nanos: int
+    hard: bool
+
+
+class RateItem(NamedTuple):
+    """One rate limit a reservation takes ``units`` from (1 request, or N tokens).
+
+    A GCRA token bucket: it holds ``per_minute`` units, starts full, and refills at
+    ``per_minute / 60`` units per second. This is a sliding window that allows a burst
+    of a full minute's worth and then a steady rate, and it needs one stored number
+    per limit. ``adjustable`` marks a token limit: the settle replaces the estimated
+    units by the actual count (a refund when the request used fewer tokens).
+    """
+
+    key: str
+    per_minute: int
+    units: int
+    adjustable: bool = False
+
+
+RefusalKind = Literal["budget", "rate", "duplicate"]
+
+
+class BudgetState(NamedTuple):
+    """The counters of one budget key, in nano-USD."""
+
+    spent_nanos: int
+    reserved_nanos: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveResult:
+    """What :meth:`Store.reserve` decided.
+
+    When refused, ``kind`` says why: ``budget`` (``key`` is the first hard budget that
+    would be exceeded, ``state`` its counters), ``rate`` (``key`` is the rate limit,
+    ``retry_after_s`` when it will have room, or None when the request is larger than
+    the whole limit and never fits), ``duplicate`` (the id was already settled).
+    ``soft_exceeded`` lists the soft budgets this reservation takes over their limit.
+    """
+
+    ok: bool
+    kind: RefusalKind | None = None
+    key: str | None = None
+    state: BudgetState | None = None
+    retry_after_s: float | None = None
+    soft_exceeded: tuple[str, ...] = ()
+
+
+def _check_amount(value: int, what: str) -> None:
+    # bool is an int; a True amount is a caller bug, not one nano-dollar.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int of nano-USD, not {type(value).__name__}.")
+    if not 0 <= value <= MAX_NANOS:
+        raise ValueError(f"{what} is {value}; it must be between 0 and {MAX_NANOS} nano-USD.")
+
+
+def validate_reserve(
+    reservation_id: str, items: Sequence[ReserveItem], rates: Sequence[RateItem], ttl_s: float
+) -> None:
+    """Refuse malformed reserve arguments the same way on every backend."""
+    if not reservation_id:
+        raise ValueError("A reservation needs a non-empty id.")
+    if not ttl_s > 0:
+        raise ValueError(f"A reservation's ttl_s must be positive, not {ttl_s}.")
+    keys = [item.key for item in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"A reservation lists a budget key twice: {sorted(keys)}.")
+    rate_keys = [rate.key for rate in rates]
+    if len(set(rate_keys)) != len(rate_keys):
+        raise ValueError(f"A reservation lists a rate limit twice: {sorted(rate_keys)}.")
+    for item in items:
+        if not item.key:
+            raise ValueError("A budget key must be a non-empty string.")
+        _check_amount(item.amount_nanos, f"The amount reserved on {item.key!r}")
+        if item.limit_nanos is not None:
+            _check_amount(item.limit_nanos, f"The limit of {item.key!r}")
+    for rate in rates:
+        if not rate.key:
+            raise ValueError("A rate limit key must be a non-empty string.")
+        if rate.per_minute < 1 or rate.units < 0:
+            raise ValueError(
+                f"The rate limit {rate.key!r} needs per_minute >= 1 and units >= 0, "
+                f"not {rate.per_minute} and {rate.units}."
+            )
+
+
+def validate_settle(
+    reservation_id: str, actual: int | Mapping[str, int], keys: Sequence[str]
+) -> None:
+    """Refuse malformed settle arguments the same way on every backend."""
+    if not reservation_id:
+        raise ValueError("A settle needs the reservation's id.")
+    if isinstance(actual, Mapping):
+        if keys:
+            raise ValueError("Pass keys only with a single actual amount, not with a mapping.")
+        for key, amount in actual.items():
+            _check_amount(amount, f"The actual cost charged to {key!r}")
+    else:
+        _check_amount(actual, "The actual cost")
 
 
 class Store(ABC):
     """A storage backend. All methods are safe to call concurrently from one event loop."""
+
+    settled_retention_s: float = DEFAULT_SETTLED_RETENTION_S
 
     @abstractmethod
     async def open(self) -> None:
@@ -50,3 +224,64 @@ class Store(ABC):
         """Sums grouped by ``group_by`` (names from :data:`GROUP_COLUMNS`), largest cost
         first. The default aggregates :meth:`ledger_records`; SQL backends override it."""
         return aggregate(await self.ledger_records(since_ms, until_ms), group_by)
+
+    # -- budgets -----------------------------------------------------------------------
+
+    @abstractmethod
+    async def reserve(
+        self,
+        reservation_id: str,
+        items: Sequence[ReserveItem],
+        ttl_s: float,
+        *,
+        rates: Sequence[RateItem] = (),
+    ) -> ReserveResult:
+        """Hold ``amount_nanos`` on every budget of ``items`` and take ``units`` from
+        every rate limit, atomically and all or nothing.
+
+        Refused (nothing written) when, for any hard item, ``spent + reserved + amount >
+        limit``, or when any rate limit lacks room. Reserving an id that is already held
+        is a no-op that succeeds (a retried call); reserving an id that was already
+        settled or released is refused as ``duplicate``. The hold is released on its own
+        when not settled within ``ttl_s`` seconds of store time.
+        """
+
+    @abstractmethod
+    async def settle(
+        self,
+        reservation_id: str,
+        actual: int | Mapping[str, int],
+        *,
+        keys: Sequence[str] = (),
+        tokens: int | None = None,
+    ) -> bool:
+        """Replace the reservation's holds by the actual cost, exactly once per id.
+
+        ``actual`` is either one amount, charged to each of ``keys`` (or, when ``keys``
+        is empty, to each budget the reservation holds), or an amount per budget key.
+        The actual may exceed what was reserved: it is charged in full. ``tokens``, when
+        given, replaces the estimated units of the reservation's adjustable rate items.
+        Settling an expired or unknown id still charges ``actual`` (pass ``keys``, as
+        the store no longer knows them). Returns False, changing nothing, when this id
+        was already settled or released within :attr:`settled_retention_s`.
+        """
+
+    @abstractmethod
+    async def release(self, reservation_id: str) -> bool:
+        """Drop the reservation's holds and give back its rate units: the request cost
+        nothing (refused, or failed before reaching the upstream). A later settle of
+        the id is a no-op. Returns False when there was nothing held to release."""
+
+    @abstractmethod
+    async def budget_states(self, keys: Sequence[str]) -> dict[str, BudgetState]:
+        """Current counters of each key (zeros for a key never used), after sweeping
+        expired reservations."""
+
+    async def budget_state(self, key: str) -> BudgetState:
+        """Current counters of one budget key; see :meth:`budget_states`."""
+        return (await self.budget_states([key]))[key]
+
+    @abstractmethod
+    async def reset_budget(self, key: str) -> None:
+        """Set ``spent`` of a budget key back to zero (``metergate budgets reset``).
+        Holds of reservations in flight stay, so their settles still balance."""

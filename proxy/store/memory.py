@@ -1,14 +1,103 @@
-"""An in-process store: for tests and throwaway runs. Nothing survives the process."""
+"""An in-process store: for tests and throwaway runs. Nothing survives the process.
+
+Budgets follow :mod:`proxy.store.budget_engine` exactly. Each budget call is one
+synchronous critical section with no ``await`` inside, so it is atomic with respect to
+the event loop without any lock; it is *not* shared between processes (use SQLite or
+Redis for that).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import heapq
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
 from proxy.ledger import LedgerRecord
-from proxy.store.base import Store
+from proxy.store import budget_engine as engine
+from proxy.store.base import (
+    BudgetState,
+    RateItem,
+    ReserveItem,
+    ReserveResult,
+    Store,
+    validate_reserve,
+    validate_settle,
+)
+from proxy.store.budget_engine import Held
 
 __all__ = ["MemoryStore"]
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+class _MemoryBudgets:
+    """The :class:`~proxy.store.budget_engine.BudgetTx` of the memory store: plain dicts,
+    plus heaps ordered by expiry whose stale entries are skipped when popped."""
+
+    def __init__(self) -> None:
+        self.counters: dict[str, list[int]] = {}  # key -> [spent, reserved]
+        self.holds: dict[str, Held] = {}
+        self.expiries: list[tuple[int, str]] = []
+        self.done: dict[str, int] = {}  # id -> remembered until (us)
+        self.done_expiries: list[tuple[int, str]] = []
+        self.tats: dict[str, int] = {}
+
+    def budget(self, key: str) -> BudgetState:
+        spent, reserved = self.counters.get(key, (0, 0))
+        return BudgetState(spent, reserved)
+
+    def add(self, key: str, spent: int, reserved: int) -> None:
+        counter = self.counters.setdefault(key, [0, 0])
+        counter[0] += spent
+        counter[1] += reserved
+
+    def reset(self, key: str) -> None:
+        if key in self.counters:
+            self.counters[key][0] = 0
+
+    def held(self, rid: str) -> Held | None:
+        return self.holds.get(rid)
+
+    def hold(self, rid: str, held: Held) -> None:
+        self.holds[rid] = held
+        heapq.heappush(self.expiries, (held.expires_us, rid))
+
+    def drop(self, rid: str) -> None:
+        self.holds.pop(rid, None)
+
+    def expired(self, now_us: int, limit: int) -> list[tuple[str, Held]]:
+        out: list[tuple[str, Held]] = []
+        while self.expiries and self.expiries[0][0] <= now_us and len(out) < limit:
+            expires_us, rid = heapq.heappop(self.expiries)
+            held = self.holds.get(rid)
+            # Skip heap entries of reservations already settled or released.
+            if held is not None and held.expires_us == expires_us:
+                out.append((rid, held))
+        return out
+
+    def is_done(self, rid: str, now_us: int) -> bool:
+        return self.done.get(rid, 0) > now_us
+
+    def mark_done(self, rid: str, until_us: int) -> None:
+        self.done[rid] = until_us
+        heapq.heappush(self.done_expiries, (until_us, rid))
+
+    def prune_done(self, now_us: int, limit: int) -> None:
+        for _ in range(limit):
+            if not self.done_expiries or self.done_expiries[0][0] > now_us:
+                return
+            until_us, rid = heapq.heappop(self.done_expiries)
+            if self.done.get(rid) == until_us:
+                del self.done[rid]
+
+    def tat(self, key: str) -> int | None:
+        return self.tats.get(key)
+
+    def set_tat(self, key: str, tat_us: int) -> None:
+        self.tats[key] = tat_us
 
 
 class MemoryStore(Store):
@@ -20,6 +109,7 @@ class MemoryStore(Store):
 
     def __init__(self) -> None:
         self._ledger: dict[str, LedgerRecord] = {}
+        self._budgets = _MemoryBudgets()
         self._open = False
 
     @classmethod
@@ -71,3 +161,51 @@ class MemoryStore(Store):
         ]
         selected.sort(key=lambda r: (r.ts_ms, r.id))
         return selected
+
+    # -- budgets: each call is one synchronous section, no await inside ---------------
+
+    async def reserve(
+        self,
+        reservation_id: str,
+        items: Sequence[ReserveItem],
+        ttl_s: float,
+        *,
+        rates: Sequence[RateItem] = (),
+    ) -> ReserveResult:
+        """See :meth:`Store.reserve`."""
+        self._check_open()
+        validate_reserve(reservation_id, items, rates, ttl_s)
+        ttl_us = max(1, round(ttl_s * 1e6))
+        return engine.reserve(self._budgets, reservation_id, items, rates, ttl_us, _now_us())
+
+    async def settle(
+        self,
+        reservation_id: str,
+        actual: int | Mapping[str, int],
+        *,
+        keys: Sequence[str] = (),
+        tokens: int | None = None,
+    ) -> bool:
+        """See :meth:`Store.settle`."""
+        self._check_open()
+        validate_settle(reservation_id, actual, keys)
+        retention_us = round(self.settled_retention_s * 1e6)
+        return engine.settle(
+            self._budgets, reservation_id, actual, keys, tokens, _now_us(), retention_us
+        )
+
+    async def release(self, reservation_id: str) -> bool:
+        """See :meth:`Store.release`."""
+        self._check_open()
+        retention_us = round(self.settled_retention_s * 1e6)
+        return engine.release(self._budgets, reservation_id, _now_us(), retention_us)
+
+    async def budget_states(self, keys: Sequence[str]) -> dict[str, BudgetState]:
+        """See :meth:`Store.budget_states`."""
+        self._check_open()
+        return engine.states(self._budgets, keys, _now_us())
+
+    async def reset_budget(self, key: str) -> None:
+        """See :meth:`Store.reset_budget`."""
+        self._check_open()
+        self._budgets.reset(key)

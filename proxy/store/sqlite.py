@@ -16,6 +16,11 @@ calls, and an event loop that never waits on the disk. Other processes (``meterg
 report``, another replica on the same host) may open the same file; WAL lets them
 read while we write, and ``busy_timeout`` makes writers queue instead of failing.
 
+Budgets. Each budget call (reserve, settle, release, state) is one ``BEGIN IMMEDIATE``
+transaction running :mod:`proxy.store.budget_engine` over the tables of
+:mod:`proxy.store.sqlite_budget`, expired reservations swept inside it; IMMEDIATE makes
+that safe across processes sharing the file. Time is this host's wall clock.
+
 Schema versions live in ``PRAGMA user_version``; :data:`_MIGRATIONS` lists the steps,
 each applied once, in order, inside one transaction.
 """
@@ -37,7 +42,7 @@ import orjson
 from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import NONE_LABEL, ReportRow, report_sort_key, validate_group_by
-from proxy.store.base import Store
+from proxy.store.sqlite_budget import BUDGET_DDL, SqliteBudgetMethods
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -80,6 +85,7 @@ CREATE TABLE ledger (
 # Migration N (1-based) takes the schema from version N-1 to N. Append, never edit.
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (_LEDGER_DDL, "CREATE INDEX ledger_ts_ms ON ledger (ts_ms)"),
+    BUDGET_DDL,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes; a database with a higher one is refused."""
@@ -170,8 +176,8 @@ def _range_clause(since_ms: int | None, until_ms: int | None) -> tuple[str, list
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
-class SqliteStore(Store):
-    """The ledger in one SQLite file (see the module docstring for durability)."""
+class SqliteStore(SqliteBudgetMethods):
+    """The ledger and the budgets in one SQLite file (see the module docstring)."""
 
     def __init__(self, path: str | PathLike[str], *, synchronous: str = "normal") -> None:
         mode = synchronous.lower()

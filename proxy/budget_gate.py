@@ -1,0 +1,281 @@
+"""The budget gate: reserve before forwarding, settle after, whatever the store does.
+
+The request path (the pipeline's part)::
+
+    reservation = await gate.reserve(request_id, facts, upper_bound_nanos, tokens)
+    ... forward, relay, price the actual usage ...
+    await gate.settle(reservation, actual_nanos, tokens=actual_tokens)   # exactly once
+    # or, when the request never reached the upstream:
+    await gate.release(reservation)
+
+:class:`BudgetGate` turns the specs that match into store items (one budget key per
+spec and period, see :func:`proxy.budget.budget_key`) and makes ONE store call per
+phase; a request that no budget matches makes none.
+
+Guarantees, and where they stop:
+
+- A hard cap holds exactly under any concurrency and any number of replicas on one
+  store: the check and the hold are one atomic step, and a hold is the request's
+  worst case. ``spent`` can pass the limit only by what the estimates under-counted
+  (a settle always charges the actual cost in full; spend is never dropped).
+- A reservation left by a crashed replica is released after its ttl. The spend of
+  that request, known to nobody once the replica is gone (its ledger record was never
+  written either), is not charged; charging the whole hold instead would bill money
+  that was perhaps never spent and could never be reconciled with the ledger. The
+  ttl must exceed the longest request (a stream that outlives its hold is still
+  charged in full at settle, but the cap does not cover it in between).
+- A request that straddles a period boundary is charged to the period it started in.
+- While the store is unreachable under ``fail_open``, requests are admitted without
+  any check (caps and rate limits are not enforced), and every settle that cannot
+  reach the store is written to the :class:`~proxy.journal.Journal` and replayed
+  exactly once when it returns; under ``fail_closed`` they are refused with 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Final
+
+from proxy.budget import (
+    BudgetSpec,
+    BudgetStatus,
+    PeriodWindow,
+    RequestFacts,
+    Reservation,
+    budget_key,
+    matches,
+    period_window,
+    rate_key,
+)
+from proxy.errors import BudgetExceeded, RateLimited, StoreUnavailable
+from proxy.store.base import BudgetState, RateItem, ReserveItem, Store
+
+if TYPE_CHECKING:
+    from proxy.journal import Journal
+
+__all__ = ["DEFAULT_RESERVATION_TTL_S", "DEFAULT_STORE_TIMEOUT_S", "ON_STORE_ERROR", "BudgetGate"]
+
+log = logging.getLogger("metergate.budget")
+
+ON_STORE_ERROR: Final = ("fail_open", "fail_closed")
+DEFAULT_STORE_TIMEOUT_S: Final = 0.05
+DEFAULT_RESERVATION_TTL_S: Final = 900.0
+_NANOS_PER_USD: Final = 1_000_000_000
+
+
+def _usd(nanos: int) -> str:
+    return str((Decimal(nanos) / _NANOS_PER_USD).quantize(Decimal("0.01")))
+
+
+class BudgetGate:
+    """Applies the configured budgets to requests (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        specs: Sequence[BudgetSpec],
+        *,
+        journal: Journal | None = None,
+        on_store_error: str = "fail_open",
+        store_timeout_s: float = DEFAULT_STORE_TIMEOUT_S,
+        reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S,
+    ) -> None:
+        if on_store_error not in ON_STORE_ERROR:
+            raise ValueError(
+                f"on_store_error must be fail_open or fail_closed, not {on_store_error!r}."
+            )
+        self.store = store
+        self.journal = journal
+        self.on_store_error = on_store_error
+        self.store_timeout_s = store_timeout_s
+        self.reservation_ttl_s = reservation_ttl_s
+        self.specs: tuple[BudgetSpec, ...] = tuple(specs)
+        # For metrics: store calls that failed or timed out; settles neither the store
+        # nor the journal took (their spend is missing from the budgets).
+        self.store_errors = 0
+        self.lost_settles = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        """Wait for settles still running after their callers were cancelled; call it at
+        shutdown, before closing the store and the journal."""
+        while self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def replace_specs(self, specs: Sequence[BudgetSpec]) -> None:
+        """Swap the budgets at run time; requests in flight keep their reservations."""
+        self.specs = tuple(specs)
+
+    def applicable(self, facts: RequestFacts) -> tuple[BudgetSpec, ...]:
+        """The budgets whose scope matches the request."""
+        return tuple(spec for spec in self.specs if matches(spec, facts))
+
+    async def reserve(
+        self,
+        request_id: str,
+        facts: RequestFacts,
+        amount_nanos: int,
+        tokens: int,
+        *,
+        now: datetime | None = None,
+    ) -> Reservation:
+        """Hold ``amount_nanos`` (the request's worst-case cost) on every matching budget
+        and take one request and ``tokens`` from their rate limits: one store call.
+
+        Raises :class:`BudgetExceeded` (402) or :class:`RateLimited` (429); when the store
+        fails or is slower than ``store_timeout_s``: :class:`StoreUnavailable` (503) under
+        fail_closed, else admits the request with nothing held.
+        """
+        specs = self.applicable(facts)
+        items: list[ReserveItem] = []
+        windows: dict[str, tuple[BudgetSpec, PeriodWindow]] = {}
+        rates: list[RateItem] = []
+        for spec in specs:
+            if spec.limit_nanos is not None:
+                window = period_window(spec, now)
+                key = budget_key(spec, window)
+                windows[key] = (spec, window)
+                items.append(
+                    ReserveItem(key, spec.limit_nanos, amount_nanos, spec.enforce == "hard")
+                )
+            if spec.requests_per_minute is not None:
+                rates.append(RateItem(rate_key(spec, "rpm"), spec.requests_per_minute, 1))
+            if spec.tokens_per_minute is not None:
+                rates.append(RateItem(rate_key(spec, "tpm"), spec.tokens_per_minute, tokens, True))
+        reservation = Reservation(
+            id=request_id,
+            keys=tuple(windows),
+            amount_nanos=amount_nanos,
+            tokens=tokens,
+            created=time.time(),
+            store_held=False,
+            has_rates=bool(rates),
+        )
+        if not items and not rates:
+            return reservation  # no budget applies: no store call at all
+        try:
+            result = await asyncio.wait_for(
+                self.store.reserve(request_id, items, self.reservation_ttl_s, rates=rates),
+                self.store_timeout_s,
+            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.store_errors += 1
+            if self.on_store_error == "fail_closed":
+                raise StoreUnavailable(
+                    "The budget store is unavailable, and this proxy refuses requests it "
+                    "cannot check against their budgets. Try again shortly."
+                ) from exc
+            log.warning("budget store unavailable, admitting %s unchecked: %s", request_id, exc)
+            return reservation
+        if result.ok:
+            reservation.store_held = True
+            reservation.soft_exceeded = tuple(
+                windows[k][0].name for k in result.soft_exceeded if k in windows
+            )
+            return reservation
+        if result.kind == "budget" and result.key in windows:
+            spec, window = windows[result.key]
+            raise self._exceeded(spec, window, result.state or BudgetState(0, 0), amount_nanos)
+        if result.kind == "rate":
+            name = (result.key or "").rsplit(":", 1)[0]
+            if result.retry_after_s is None:
+                raise RateLimited(
+                    f"This request needs more tokens than the budget {name!r} allows per "
+                    "minute, so it can never be admitted; lower max_tokens or the prompt."
+                )
+            retry = max(1, math.ceil(result.retry_after_s))
+            raise RateLimited(
+                f"The rate limit of the budget {name!r} is reached; retry in {retry} s.",
+                headers={"Retry-After": str(retry)},
+            )
+        raise RuntimeError(f"The reservation id {request_id!r} was already used and settled.")
+
+    @staticmethod
+    def _exceeded(
+        spec: BudgetSpec, window: PeriodWindow, state: BudgetState, amount: int
+    ) -> BudgetExceeded:
+        # Local wall time with its offset: what a person reading the header expects.
+        reset = "never" if window.end is None else window.end.astimezone(spec.timezone).isoformat()
+        assert spec.limit_nanos is not None
+        return BudgetExceeded(
+            f"This request would exceed the budget {spec.name!r}: "
+            f"${_usd(state.spent_nanos)} of ${_usd(spec.limit_nanos)} is spent, "
+            f"${_usd(state.reserved_nanos)} is held by requests in flight, and this "
+            f"request may cost up to ${_usd(amount)}. "
+            + ("The budget does not reset." if window.end is None else f"It resets at {reset}."),
+            headers={"X-Metergate-Budget": spec.name, "X-Metergate-Budget-Reset": reset},
+        )
+
+    async def settle(
+        self, reservation: Reservation, actual_nanos: int, *, tokens: int | None = None
+    ) -> None:
+        """Charge the actual cost to the reservation's budgets, exactly once.
+
+        Call it for every request that reached the upstream, with the larger of
+        estimate and count when usage is not exact. Never raises for store failures:
+        a settle that cannot reach the store goes to the journal (replayed later).
+        Cancelling the caller (a client that disconnects) does not cancel the charge:
+        it runs to its end in a task of its own.
+        """
+        if reservation.done:
+            return
+        reservation.done = True
+        if not reservation.keys and not reservation.has_rates:
+            return
+        task = asyncio.create_task(self._settle(reservation, actual_nanos, tokens))
+        self._tasks.add(task)  # a strong reference until it is done
+        task.add_done_callback(self._tasks.discard)
+        await asyncio.shield(task)
+
+    async def _settle(
+        self, reservation: Reservation, actual_nanos: int, tokens: int | None
+    ) -> None:
+        charges = dict.fromkeys(reservation.keys, actual_nanos)
+        try:
+            await asyncio.wait_for(
+                self.store.settle(reservation.id, charges, tokens=tokens), self.store_timeout_s
+            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.store_errors += 1
+            reason: BaseException = exc
+            if self.journal is not None:
+                try:
+                    await self.journal.record_settle(reservation.id, charges, tokens)
+                    return
+                except OSError as journal_exc:
+                    reason = journal_exc
+            self.lost_settles += 1
+            log.error(
+                "the settle of %s is lost (store and journal failed): %s", reservation.id, reason
+            )
+
+    async def release(self, reservation: Reservation) -> None:
+        """Drop the holds of a request that cost nothing (never reached the upstream).
+        A failed release is only logged: the hold then expires after its ttl."""
+        if reservation.done:
+            return
+        reservation.done = True
+        if not reservation.keys and not reservation.has_rates:
+            return  # no budget applied: nothing to give back
+        # Even when store_held is False, a reserve that timed out may have landed.
+        try:
+            await asyncio.wait_for(self.store.release(reservation.id), self.store_timeout_s)
+        except (StoreUnavailable, TimeoutError) as exc:
+            self.store_errors += 1
+            log.warning("release of %s failed; it expires on its own: %s", reservation.id, exc)
+
+    async def status(self, now: datetime | None = None) -> list[BudgetStatus]:
+        """Every budget with a spend limit: current period, key and counters."""
+        capped = [(s, period_window(s, now)) for s in self.specs if s.limit_nanos is not None]
+        keys = [budget_key(spec, window) for spec, window in capped]
+        states = await self.store.budget_states(keys)
+        return [
+            BudgetStatus(spec, window, key, states[key])
+            for (spec, window), key in zip(capped, keys, strict=True)
+        ]
