@@ -4,6 +4,7 @@ by ``cleanup_ctx``, never held in module globals."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,12 +13,16 @@ from pathlib import Path
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from proxy.admin import setup_admin
+from proxy.budget_gate import BudgetGate
+from proxy.budget_specs import SpecWatcher
 from proxy.callers import KeyRing
+from proxy.journal import Journal
 from proxy.ledger import LedgerWriter
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.pricing import Catalog
-from proxy.settings import Settings, tiktoken_dir_from_env
+from proxy.settings import Settings, journal_dir_for, tiktoken_dir_from_env
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.tokens import TokenCounter
@@ -36,6 +41,7 @@ class Running:
 
     store: Store | None = None
     pipeline: Pipeline | None = None
+    gate: BudgetGate | None = None
 
 
 RUNNING = web.AppKey("running", Running)
@@ -59,6 +65,16 @@ def build_app(settings: Settings, *, registry: CollectorRegistry | None = None) 
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
+    running = app[RUNNING]
+    setup_admin(
+        app,
+        token=settings.admin_token,
+        get_gate=lambda: running.gate,
+        # None while starting or stopping, so the admin API answers 503 rather than
+        # touching a store that is not open.
+        get_store=lambda: running.store if running.pipeline is not None else None,
+        config_specs=settings.budgets,
+    )
     app.router.add_route("*", "/{upstream}/{path:.*}", _proxy)
     return app
 
@@ -74,6 +90,22 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     await store.open()
     writer = LedgerWriter(store)
     await writer.start()
+    # Charges and records the store could not take (fail_open) wait in the journal and
+    # are replayed, exactly once, as soon as the store answers again.
+    journal_dir = journal_dir_for(settings)
+    journal = Journal(journal_dir) if journal_dir else None
+    replay: asyncio.Task[None] | None = None
+    if journal is not None:
+        await journal.open()
+        replay = asyncio.get_running_loop().create_task(journal.run_replay(store))
+    gate = BudgetGate(
+        store,
+        settings.budgets,
+        journal=journal,
+        on_store_error=settings.on_store_error,
+        store_timeout_s=settings.store_timeout_ms / 1000.0,
+        reservation_ttl_s=settings.reservation_ttl_s,
+    )
     session = make_session(settings.upstreams)
     pipeline = Pipeline(
         settings=settings,
@@ -83,9 +115,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         writer=writer,
         metrics=app[METRICS],
         session=session,
+        gate=gate,
+        journal=journal,
     )
+    # Budgets can be added at run time (CLI, admin API), so the gate always exists; the
+    # watcher puts run-time changes in force on every replica within a second.
+    watcher = SpecWatcher(store, gate, settings.budgets)
+    await watcher.start()
     running = app[RUNNING]
-    running.store, running.pipeline = store, pipeline
+    running.store, running.gate, running.pipeline = store, gate, pipeline
     log.info(
         "metergate ready: store %s, upstreams %s",
         settings.store.split("://", 1)[0],
@@ -94,9 +132,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        running.pipeline = None
+        running.pipeline = running.gate = None
+        await watcher.stop()
         await pipeline.drain()
+        await gate.drain()
         await writer.close()
+        if replay is not None:
+            replay.cancel()
+            await asyncio.gather(replay, return_exceptions=True)
+        if journal is not None:
+            await journal.close()
         await session.close()
         await store.close()
         counter.close()

@@ -35,6 +35,7 @@ __all__ = [
     "Reservation",
     "budget_key",
     "matches",
+    "parse_budget",
     "parse_budgets",
     "period_window",
     "rate_key",
@@ -301,6 +302,13 @@ def _parse_one(entry: Any, where: str) -> BudgetSpec:
         else _positive_int(rpm, f"{where}.requests_per_minute"),
         tokens_per_minute=None if tpm is None else _positive_int(tpm, f"{where}.tokens_per_minute"),
     )
+
+
+def parse_budget(entry: Any, where: str) -> BudgetSpec:
+    """One budget entry (a mapping as in the config's ``budgets:`` list); errors start
+    with ``where``, e.g. ``budgets.search-monthly.limit_usd: ...``. Used for budgets
+    changed at run time (:mod:`proxy.budget_specs`)."""
+    return _parse_one(entry, where)
 
 
 def parse_budgets(value: Any, where: str = "budgets") -> tuple[BudgetSpec, ...]:

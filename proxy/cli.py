@@ -1,7 +1,8 @@
-"""The ``metergate`` command: ``serve``, ``report``, ``ledger``, ``prices``.
+"""The ``metergate`` command: ``serve``, ``report``, ``ledger``, ``budgets``, ``prices``.
 
-``report`` and ``ledger`` read the store named in the config directly (the embedded
-SQLite file, or Redis), so they work whether or not a proxy is running.
+``report``, ``ledger`` and ``budgets`` work on the store named in the config directly
+(the embedded SQLite file, or Redis), so they work whether or not a proxy is running.
+``budgets`` lives in :mod:`proxy.cli_budgets`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import orjson
 from aiohttp import web
 
 from proxy.app import build_app
+from proxy.cli_budgets import add_budget_commands
 from proxy.ledger import LedgerRecord
 from proxy.pricing import Catalog, describe
 from proxy.report import format_report, nanos_to_usd_str, parse_period
@@ -81,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     lst.add_argument("--from", dest="from_")
     lst.add_argument("--to")
     lst.set_defaults(func=_ledger_list)
+
+    add_budget_commands(sub, DEFAULT_CONFIG)
 
     prices = sub.add_parser("prices", help="the price catalog")
     prices_sub = prices.add_subparsers(required=True, metavar="ACTION")

@@ -26,6 +26,8 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.budget import RequestFacts, Reservation, worst_case_nanos
+from proxy.budget_gate import BudgetGate
 from proxy.callers import Caller, KeyRing, parse_tags
 from proxy.errors import (
     BadRequest,
@@ -36,13 +38,14 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from proxy.journal import Journal
 from proxy.ledger import LedgerRecord, LedgerWriter
 from proxy.metrics import Metrics, status_class
 from proxy.pricing import Catalog, Price, cost_nanos
 from proxy.providers import PROVIDERS, ParsedRequest, Provider, StreamMeter
 from proxy.report import nanos_to_usd_str
 from proxy.settings import Settings, UpstreamSettings
-from proxy.tokens import TokenCounter
+from proxy.tokens import TokenCounter, encoding_name_for_model
 from proxy.upstream import (
     Decoder,
     client_response_headers,
@@ -60,6 +63,17 @@ REQUEST_ID_HEADER = "X-Metergate-Request-Id"
 COST_HEADER = "X-Metergate-Cost-USD"
 #: Bodies above this many bytes have their prompt text extracted off the event loop.
 INLINE_PARSE_LIMIT = 64 * 1024
+#: Up to this body size, reservations use the byte count as the input-token bound.
+BYTES_BOUND_LIMIT = 2048
+#: Margins on a counted prompt: framing and tool schemas the text leaves out, and the
+#: difference between cl100k_base and Claude's unpublished tokenizer.
+EXACT_MARGIN = 1.1
+APPROXIMATE_MARGIN = 1.5
+BOUND_SLACK_TOKENS = 64
+#: Output tokens to reserve for when neither the request nor the catalog gives a limit.
+DEFAULT_OUTPUT_BOUND = 32_768
+#: How long a ledger write may take before the record goes to the journal instead.
+LEDGER_WRITE_TIMEOUT_S = 2.0
 #: How often a stream checks that its client is still connected (seconds).
 CLIENT_CHECK_INTERVAL_S = 0.5
 _NOT_METERED = ParsedRequest(
@@ -95,6 +109,8 @@ class Exchange:
     meter: StreamMeter | None = None
     raw_path: str = ""
     sent: bool = False
+    upstream_status: int = 0
+    reservation: Reservation | None = None
     upstream_wait: float = 0.0
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -112,6 +128,8 @@ class Pipeline:
         writer: LedgerWriter,
         metrics: Metrics,
         session: aiohttp.ClientSession,
+        gate: BudgetGate | None = None,
+        journal: Journal | None = None,
     ) -> None:
         self.settings = settings
         self.keyring = keyring
@@ -120,6 +138,8 @@ class Pipeline:
         self.writer = writer
         self.metrics = metrics
         self.session = session
+        self.gate = gate
+        self.journal = journal
         self.fallback = (
             Catalog.fallback(dict(settings.fallback_price))
             if settings.unknown_model == "charge_fallback" and settings.fallback_price
@@ -204,7 +224,49 @@ class Pipeline:
                     "its spend cannot be metered. Use a priced model, add the model to the "
                     "prices file, or set unknown_model: charge_fallback."
                 )
+            if self.gate is not None and self.gate.specs:
+                await self._reserve(ex)
         return passthrough_key
+
+    async def _reserve(self, ex: Exchange) -> None:
+        """Hold the request's worst-case cost on every budget that applies (one store
+        call), or raise the 402/429/503 refusal."""
+        assert self.gate is not None and ex.caller is not None
+        price = ex.price or self.fallback
+        facts = RequestFacts(
+            key=ex.caller.key_name,
+            user=ex.caller.user,
+            team=ex.caller.team,
+            tags=ex.tags,
+            model=ex.parsed.model,
+            canonical_model=ex.price.model if ex.price else None,
+        )
+        if price is None or not self.gate.applicable(facts):
+            return  # no budget applies: no counting, no store call
+        input_bound = await self._input_upper_bound(ex)
+        output_bound = (
+            ex.parsed.max_output_tokens or price.max_output_tokens or DEFAULT_OUTPUT_BOUND
+        )
+        amount = worst_case_nanos(price, input_bound, output_bound)
+        ex.reservation = await self.gate.reserve(
+            ex.request_id, facts, amount, input_bound + output_bound
+        )
+        for name in ex.reservation.soft_exceeded:
+            log.warning("soft budget %r exceeded by request %s", name, ex.request_id)
+
+    async def _input_upper_bound(self, ex: Exchange) -> int:
+        """Input tokens to reserve for. A small body's byte count is a strict bound (a
+        BPE token is at least one byte) and cheaper than counting; a larger one is
+        counted off the loop, with a margin for message framing and, for models whose
+        tokenizer is only approximated (Claude), for the tokenizers' difference."""
+        body_len = len(ex.parsed.body)
+        if body_len <= BYTES_BOUND_LIMIT:
+            return body_len
+        model = ex.parsed.model or ""
+        counted = await self._count_prompt(ex, model)
+        _, approximate = encoding_name_for_model(model)
+        factor = APPROXIMATE_MARGIN if approximate else EXACT_MARGIN
+        return min(body_len, int(counted * factor) + BOUND_SLACK_TOKENS)
 
     async def _refuse(self, ex: Exchange, err: MetergateError) -> web.Response:
         ex.status = err.status
@@ -250,6 +312,8 @@ class Pipeline:
                 t_sent,
             )
         except aiohttp.ClientError as exc:
+            # Could not even connect: the upstream never saw the request, so it is free.
+            ex.sent = not isinstance(exc, aiohttp.ClientConnectorError)
             return await self._upstream_failed(
                 ex,
                 UpstreamUnavailable(
@@ -261,7 +325,7 @@ class Pipeline:
         ttfb = time.perf_counter() - t_sent
         ex.upstream_wait += ttfb
         self.metrics.ttfb.labels(up.name).observe(ttfb)
-        ex.status = resp.status
+        ex.status = ex.upstream_status = resp.status
         # The provider's own request id ties a ledger record to the provider's invoice.
         upstream_id = resp.headers.get("x-request-id") or resp.headers.get("request-id")
         if upstream_id:
@@ -551,19 +615,57 @@ class Pipeline:
             error=ex.error,
             extra=extra,
         )
-        try:
-            await self.writer.write(record)
-        except Exception:
-            # The store failed (disk full, I/O error). The client still gets its answer;
-            # the failure is counted and logged with the whole record so it can be
-            # replayed by hand.
-            self.metrics.store_errors.labels("ledger_write").inc()
-            log.exception("ledger write failed; record: %s", orjson.dumps(record.to_dict()))
+        # The budget settle and the ledger write are independent: run them together.
+        await asyncio.gather(self._write_ledger(record), self._settle(ex))
         self._observe(ex, outcome=_outcome(ex))
         self.metrics.duration.labels(ex.upstream.name).observe(latency_ms / 1000.0)
         self.metrics.overhead.observe(max(0.0, latency_ms / 1000.0 - ex.upstream_wait))
         if self.settings.server.access_log and access_log.isEnabledFor(logging.INFO):
             access_log.info(orjson.dumps(_access_entry(record)).decode())
+
+    async def _write_ledger(self, record: LedgerRecord) -> None:
+        try:
+            await asyncio.wait_for(self.writer.write(record), LEDGER_WRITE_TIMEOUT_S)
+        except Exception as exc:
+            # The store failed or is too slow (Redis down, disk full). The client still
+            # gets its answer; the record goes to the local journal, which is replayed
+            # when the store is back (appends are idempotent by id, so a write that did
+            # land after all is not counted twice).
+            self.metrics.store_errors.labels("ledger_write").inc()
+            if self.journal is not None:
+                try:
+                    await self.journal.record_ledger([record])
+                    return
+                except OSError:
+                    pass
+            log.error(
+                "ledger write failed and no journal took it (%s); record: %s",
+                exc,
+                orjson.dumps(record.to_dict()).decode(),
+            )
+
+    async def _settle(self, ex: Exchange) -> None:
+        """Settle the request's reservation exactly once.
+
+        Never reached the upstream: release it. Usage known exactly, or the provider
+        answered with an error (it bills nothing): charge that. Otherwise (a broken
+        stream, a timeout, missing usage) keep at least the hold: an estimate can miss
+        what the provider bills but never streams, such as reasoning tokens."""
+        res = ex.reservation
+        if res is None or self.gate is None:
+            return
+        if not ex.sent:
+            await self.gate.release(res)
+            return
+        usage = ex.usage
+        tokens = (usage.input or 0) + (usage.output or 0) if usage else res.tokens
+        if usage is not None and usage.exact:
+            charge = ex.cost_nanos
+        elif ex.upstream_status >= 400:
+            charge = 0
+        else:
+            charge = max(ex.cost_nanos, res.amount_nanos)
+        await self.gate.settle(res, charge, tokens=tokens)
 
     def _observe(self, ex: Exchange, *, outcome: str) -> None:
         team = (ex.caller.team if ex.caller else None) or "none"

@@ -15,9 +15,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import yaml
+
+from proxy.budget import BudgetConfigError, BudgetSpec, parse_budgets
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -33,10 +35,23 @@ DEFAULT_POOL_SIZE = 1024
 DEFAULT_MAX_TAGS = 16
 DEFAULT_TAG_MAX_LEN = 64
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
+DEFAULT_STORE_TIMEOUT_MS = 50
+DEFAULT_RESERVATION_TTL_S = 900.0
+#: Where the fail-open journal lives when ``journal_dir`` is not set and the store is
+#: not a file (an SQLite store keeps its journal next to its database file).
+DEFAULT_JOURNAL_DIR = "./metergate-journal"
+ON_STORE_ERROR = ("fail_open", "fail_closed")
 UNKNOWN_MODEL_POLICIES = ("reject", "charge_fallback")
 WIRE_FORMATS = ("openai", "anthropic")
 #: Path segments the proxy serves itself; no upstream may take these names.
 RESERVED_NAMES = frozenset({"metrics", "healthz", "readyz", "admin", "ui"})
+ROOT_FIELDS = frozenset(
+    {
+        "server", "store", "unknown_model", "fallback_price", "passthrough_keys", "upstreams",
+        "keys", "prices", "tiktoken_dir", "tags", "budgets", "on_store_error",
+        "store_timeout_ms", "reservation_ttl_s", "journal_dir", "admin_token",
+    }
+)  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
@@ -95,6 +110,12 @@ class Settings:
     tiktoken_dir: str | None = None
     max_tags: int = DEFAULT_MAX_TAGS
     tag_max_len: int = DEFAULT_TAG_MAX_LEN
+    budgets: tuple[BudgetSpec, ...] = ()
+    on_store_error: str = "fail_open"
+    store_timeout_ms: int = DEFAULT_STORE_TIMEOUT_MS
+    reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
+    journal_dir: str | None = None
+    admin_token: str | None = None
     source: str = "<defaults>"
 
 
@@ -131,31 +152,29 @@ def tiktoken_dir_from_env(
     return settings.tiktoken_dir or env.get("METERGATE_TIKTOKEN_DIR") or None
 
 
+def journal_dir_for(settings: Settings) -> str | None:
+    """The fail-open journal's directory; None for the memory store, which cannot fail."""
+    if settings.journal_dir:
+        return settings.journal_dir
+    parts = urlsplit(settings.store)
+    path = unquote(parts.path)[1:]  # sqlite:///rel -> rel, sqlite:////abs -> /abs
+    if parts.scheme == "memory" or path == ":memory:":
+        return None
+    if parts.scheme == "sqlite":
+        # Not "<db>-journal": that is the name of SQLite's own rollback journal file.
+        return path + ".spend-journal"
+    return DEFAULT_JOURNAL_DIR
+
+
 def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
     """Validate an already-parsed config mapping (``environ`` for ``${VAR}``)."""
     data = _interpolate(raw, environ, "")
     root = _mapping(data, "config")
-    _no_unknown(
-        root,
-        "config",
-        {
-            "server",
-            "store",
-            "unknown_model",
-            "fallback_price",
-            "passthrough_keys",
-            "upstreams",
-            "keys",
-            "prices",
-            "metrics",
-            "tiktoken_dir",
-            "tags",
-        },
-    )
+    _no_unknown(root, "config", ROOT_FIELDS)
     server = _server(root.get("server", {}))
     store = _str(root.get("store", DEFAULT_STORE), "store")
     scheme = urlsplit(store).scheme
-    if scheme not in ("memory", "sqlite", "redis", "rediss", "redis+cluster"):
+    if scheme not in ("memory", "sqlite", "redis", "rediss", "redis+cluster", "rediss+cluster"):
         raise ConfigError(
             f"store: unknown store URL {store!r}; use memory://, sqlite:///path/to/file.db "
             "or redis://host:port/db."
@@ -180,6 +199,15 @@ def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
             "fallback_price: required when unknown_model is charge_fallback, "
             "e.g. fallback_price: {input: 15, output: 60} (USD per 1M tokens)."
         )
+    on_store_error = _str(root.get("on_store_error", "fail_open"), "on_store_error")
+    if on_store_error not in ON_STORE_ERROR:
+        raise ConfigError(
+            f"on_store_error: must be one of {', '.join(ON_STORE_ERROR)}, not {on_store_error!r}."
+        )
+    try:
+        budgets = parse_budgets(root.get("budgets", []))
+    except BudgetConfigError as exc:
+        raise ConfigError(str(exc)) from None
     upstreams = _upstreams(root.get("upstreams"))
     keys = _keys(root.get("keys", []))
     prices = root.get("prices")
@@ -197,6 +225,16 @@ def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
         tiktoken_dir=_opt_str(root.get("tiktoken_dir"), "tiktoken_dir"),
         max_tags=_int(tags.get("max_count", DEFAULT_MAX_TAGS), "tags.max_count", 0, 256),
         tag_max_len=_int(tags.get("max_length", DEFAULT_TAG_MAX_LEN), "tags.max_length", 1, 256),
+        budgets=budgets,
+        on_store_error=on_store_error,
+        store_timeout_ms=_int(
+            root.get("store_timeout_ms", DEFAULT_STORE_TIMEOUT_MS), "store_timeout_ms", 1, 60_000
+        ),
+        reservation_ttl_s=_float(
+            root.get("reservation_ttl_s", DEFAULT_RESERVATION_TTL_S), "reservation_ttl_s"
+        ),
+        journal_dir=_opt_str(root.get("journal_dir"), "journal_dir") or None,
+        admin_token=_opt_str(root.get("admin_token"), "admin_token") or None,
     )
 
 
@@ -330,7 +368,7 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _no_unknown(m: Mapping[str, Any], where: str, allowed: set[str]) -> None:
+def _no_unknown(m: Mapping[str, Any], where: str, allowed: set[str] | frozenset[str]) -> None:
     unknown = sorted(str(k) for k in m if k not in allowed)
     if unknown:
         raise ConfigError(

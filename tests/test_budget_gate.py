@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -114,6 +115,22 @@ class FlakyStore(Store):
 
     async def reset_budget(self, key: str) -> None:
         await self.inner.reset_budget(key)
+
+    async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
+        await self._gate()
+        await self.inner.put_budget_spec(name, doc)
+
+    async def delete_budget_spec(self, name: str) -> bool:
+        await self._gate()
+        return await self.inner.delete_budget_spec(name)
+
+    async def budget_specs(self) -> dict[str, dict[str, Any]]:
+        await self._gate()
+        return await self.inner.budget_specs()
+
+    async def budget_specs_version(self) -> int:
+        await self._gate()
+        return await self.inner.budget_specs_version()
 
 
 # -- periods and refusals ------------------------------------------------------------------

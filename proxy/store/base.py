@@ -30,14 +30,26 @@ reservation expired still charges its actual cost.
 Rate limits (requests or tokens per minute) are GCRA token buckets checked in the same
 atomic step; see :class:`RateItem`. Time for expiry and rate limits is the store's own
 clock (Redis ``TIME``), never the caller's.
+
+Run-time budget specs
+---------------------
+Budgets changed at run time (``metergate budgets set``, ``PUT /admin/budgets/NAME``)
+live in the store, so every replica sharing it sees them: one JSON document per budget
+name, in the shape of a config ``budgets:`` entry, plus a *version* that every write
+bumps. Replicas poll the version (one cheap read) and reload the documents only when it
+changed; see :class:`proxy.budget_specs.SpecWatcher`. The store does not interpret the
+documents; :func:`proxy.budget_specs.merge_specs` validates them.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final, Literal, NamedTuple
+from typing import Any, Final, Literal, NamedTuple
+
+import orjson
 
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import GROUP_COLUMNS, ReportRow, aggregate
@@ -52,9 +64,13 @@ __all__ = [
     "ReserveItem",
     "ReserveResult",
     "Store",
+    "decode_spec_docs",
+    "encode_spec_doc",
     "validate_reserve",
     "validate_settle",
 ]
+
+log = logging.getLogger("metergate.store")
 
 MAX_NANOS: Final = 2**53 - 1
 """The largest amount or limit a store accepts: about 9 million USD in nano-USD.
@@ -187,6 +203,37 @@ def validate_settle(
         _check_amount(actual, "The actual cost")
 
 
+def encode_spec_doc(name: str, doc: Mapping[str, Any]) -> str:
+    """The JSON text a store keeps for a run-time budget spec; refuses what no backend
+    could give back unchanged (an empty name, a document that is not a JSON object)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError("A budget spec needs a non-empty name.")
+    if not isinstance(doc, Mapping):
+        raise TypeError(f"The spec of budget {name!r} must be a mapping, not {type(doc).__name__}.")
+    try:
+        return orjson.dumps(dict(doc)).decode()
+    except TypeError as exc:
+        raise ValueError(f"The spec of budget {name!r} cannot be stored as JSON: {exc}.") from None
+
+
+def decode_spec_docs(rows: Iterable[tuple[str | bytes, str | bytes]]) -> dict[str, dict[str, Any]]:
+    """Stored (name, JSON text) pairs as documents. A document that is not a JSON object
+    (written around Metergate, e.g. with redis-cli) is logged and left out, so that one
+    bad entry cannot hide every other budget."""
+    docs: dict[str, dict[str, Any]] = {}
+    for raw_name, raw_doc in rows:
+        name = raw_name.decode() if isinstance(raw_name, bytes) else raw_name
+        try:
+            doc = orjson.loads(raw_doc)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            log.warning("the stored spec of budget %r is not a JSON object; ignoring it", name)
+            continue
+        docs[name] = doc
+    return docs
+
+
 class Store(ABC):
     """A storage backend. All methods are safe to call concurrently from one event loop."""
 
@@ -285,3 +332,25 @@ class Store(ABC):
     async def reset_budget(self, key: str) -> None:
         """Set ``spent`` of a budget key back to zero (``metergate budgets reset``).
         Holds of reservations in flight stay, so their settles still balance."""
+
+    # -- run-time budget specs (see the module docstring) ------------------------------
+
+    @abstractmethod
+    async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
+        """Store ``doc`` (a config ``budgets:`` entry, kept as JSON) under ``name``,
+        replacing any document of that name, and bump :meth:`budget_specs_version`."""
+
+    @abstractmethod
+    async def delete_budget_spec(self, name: str) -> bool:
+        """Remove the document of ``name``; bump the version and return True when there
+        was one, else change nothing and return False."""
+
+    @abstractmethod
+    async def budget_specs(self) -> dict[str, dict[str, Any]]:
+        """Every stored document by name (see :func:`decode_spec_docs`)."""
+
+    @abstractmethod
+    async def budget_specs_version(self) -> int:
+        """The count of changes: 0 for a store that never had a spec, +1 on every put
+        and on every delete that removed something. Compare it for inequality, not
+        order: a Redis restarted without persistence starts again at 0."""

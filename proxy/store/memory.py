@@ -12,6 +12,7 @@ import heapq
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 from proxy.ledger import LedgerRecord
 from proxy.store import budget_engine as engine
@@ -21,6 +22,8 @@ from proxy.store.base import (
     ReserveItem,
     ReserveResult,
     Store,
+    decode_spec_docs,
+    encode_spec_doc,
     validate_reserve,
     validate_settle,
 )
@@ -110,6 +113,8 @@ class MemoryStore(Store):
     def __init__(self) -> None:
         self._ledger: dict[str, LedgerRecord] = {}
         self._budgets = _MemoryBudgets()
+        self._specs: dict[str, str] = {}  # name -> JSON text, as the other backends keep it
+        self._specs_version = 0
         self._open = False
 
     @classmethod
@@ -209,3 +214,29 @@ class MemoryStore(Store):
         """See :meth:`Store.reset_budget`."""
         self._check_open()
         self._budgets.reset(key)
+
+    # -- run-time budget specs ---------------------------------------------------------
+
+    async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
+        """See :meth:`Store.put_budget_spec`."""
+        self._check_open()
+        self._specs[name] = encode_spec_doc(name, doc)
+        self._specs_version += 1
+
+    async def delete_budget_spec(self, name: str) -> bool:
+        """See :meth:`Store.delete_budget_spec`."""
+        self._check_open()
+        if self._specs.pop(name, None) is None:
+            return False
+        self._specs_version += 1
+        return True
+
+    async def budget_specs(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`Store.budget_specs`."""
+        self._check_open()
+        return decode_spec_docs(self._specs.items())
+
+    async def budget_specs_version(self) -> int:
+        """See :meth:`Store.budget_specs_version`."""
+        self._check_open()
+        return self._specs_version

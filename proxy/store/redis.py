@@ -22,10 +22,11 @@ cluster client and a single-server client are different things: the scheme says
 which one is built, and settings can validate it.
 
 One round trip per phase. Each budget operation is one ``EVALSHA`` of a versioned Lua
-script kept as package data (``lua/reserve_v1.lua``, ``lua/settle_v1.lua``; their
-header documents the key layout); on ``NOSCRIPT`` (a restarted or failed-over server)
-the same call is sent once as ``EVAL``, which also caches the script again. Scripts
-read the server's ``TIME`` for expiry and rate windows, so replica clocks never matter.
+script kept as package data (``lua/reserve_v1.lua``, ``lua/settle_v1.lua``,
+``lua/specs_v1.lua``; their headers document the key layout); on ``NOSCRIPT`` (a
+restarted or failed-over server) the same call is sent once as ``EVAL``, which also
+caches the script again. Scripts read the server's ``TIME`` for expiry and rate
+windows, so replica clocks never matter.
 
 Hash slots. Every budget key carries the namespace's hash tag (``{mg}:b:...``), so all
 budgets of one request, the reservation, its expiry index and its done marker sit in
@@ -47,11 +48,8 @@ its ``on_store_error`` policy. Every redis-py failure is translated once, here, 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from importlib import resources
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -67,11 +65,12 @@ from proxy.store.base import (
     RateItem,
     ReserveItem,
     ReserveResult,
-    Store,
     validate_reserve,
     validate_settle,
 )
 from proxy.store.budget_engine import SWEEP_LIMIT
+from proxy.store.redis_scripts import LuaScript
+from proxy.store.redis_specs import RedisSpecMethods
 
 __all__ = ["SCHEMES", "RedisStore"]
 
@@ -85,31 +84,18 @@ _NAMESPACE_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _CHUNK: Final = 1_000  # ledger ids per MGET / records per script call
 
 
-@dataclass(frozen=True, slots=True)
-class _Script:
-    """A Lua script from package data, with the SHA1 that EVALSHA names it by."""
-
-    name: str
-    source: str
-    sha: str
-
-    @classmethod
-    def load(cls, name: str) -> _Script:
-        source = resources.files("proxy.store").joinpath(f"lua/{name}").read_text("utf-8")
-        return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
-
-
-_RESERVE = _Script.load("reserve_v1.lua")
-_SETTLE = _Script.load("settle_v1.lua")
-_LEDGER = _Script.load("ledger_v1.lua")
+_RESERVE = LuaScript.load("reserve_v1.lua")
+_SETTLE = LuaScript.load("settle_v1.lua")
+_LEDGER = LuaScript.load("ledger_v1.lua")
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisStore(Store):
-    """Ledger and budgets in Redis or Redis Cluster (see the module docstring)."""
+class RedisStore(RedisSpecMethods):
+    """Ledger, budgets and run-time budget specs (:mod:`proxy.store.redis_specs`) in
+    Redis or Redis Cluster (see the module docstring)."""
 
     def __init__(
         self,
@@ -242,7 +228,7 @@ class RedisStore(Store):
                 "Redis is running and reachable from this host."
             ) from exc
 
-    async def _eval(self, script: _Script, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA, falling back to EVAL once when the server lost its script cache."""
         try:
             return await self._command("EVALSHA", script.sha, len(keys), *keys, *args)

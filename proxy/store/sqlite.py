@@ -42,7 +42,7 @@ import orjson
 from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import NONE_LABEL, ReportRow, report_sort_key, validate_group_by
-from proxy.store.sqlite_budget import BUDGET_DDL, SqliteBudgetMethods
+from proxy.store.sqlite_budget import BUDGET_DDL, SPECS_DDL, SqliteBudgetMethods
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -86,6 +86,7 @@ CREATE TABLE ledger (
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (_LEDGER_DDL, "CREATE INDEX ledger_ts_ms ON ledger (ts_ms)"),
     BUDGET_DDL,
+    SPECS_DDL,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes; a database with a higher one is refused."""

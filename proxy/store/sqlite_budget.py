@@ -24,12 +24,14 @@ from proxy.store.base import (
     ReserveItem,
     ReserveResult,
     Store,
+    decode_spec_docs,
+    encode_spec_doc,
     validate_reserve,
     validate_settle,
 )
 from proxy.store.budget_engine import Held
 
-__all__ = ["BUDGET_DDL", "SqliteBudgetMethods", "SqliteBudgets"]
+__all__ = ["BUDGET_DDL", "SPECS_DDL", "SqliteBudgetMethods", "SqliteBudgets"]
 
 _T = TypeVar("_T")
 
@@ -51,6 +53,19 @@ BUDGET_DDL: Final = (
     "CREATE INDEX settled_until ON settled (until_us)",
     "CREATE TABLE rate (key TEXT PRIMARY KEY, tat_us INTEGER NOT NULL) WITHOUT ROWID",
 )
+
+
+# Migration 3: run-time budget specs. One row per budget name (the JSON document), and a
+# single-row version counter that every write bumps in the same transaction.
+SPECS_DDL: Final = (
+    "CREATE TABLE budget_spec (name TEXT PRIMARY KEY, doc TEXT NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE budget_spec_version (
+        id      INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    )""",
+    "INSERT INTO budget_spec_version (id, version) VALUES (1, 0)",
+)
+_BUMP: Final = "UPDATE budget_spec_version SET version = version + 1 WHERE id = 1"
 
 
 def _encode(held: Held) -> str:
@@ -199,6 +214,46 @@ class SqliteBudgetMethods(Store):
     async def reset_budget(self, key: str) -> None:
         """See :meth:`Store.reset_budget`."""
         await self._run(self._budget_sync, lambda tx, now: tx.reset(key))
+
+    # -- run-time budget specs ---------------------------------------------------------
+
+    async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
+        """See :meth:`Store.put_budget_spec`; one transaction."""
+        text = encode_spec_doc(name, doc)
+
+        def put(tx: SqliteBudgets, now: int) -> None:
+            conn = self._connection()
+            conn.execute(
+                "INSERT OR REPLACE INTO budget_spec (name, doc) VALUES (?, ?)", (name, text)
+            )
+            conn.execute(_BUMP)
+
+        await self._run(self._budget_sync, put)
+
+    async def delete_budget_spec(self, name: str) -> bool:
+        """See :meth:`Store.delete_budget_spec`; one transaction."""
+
+        def delete(tx: SqliteBudgets, now: int) -> bool:
+            conn = self._connection()
+            removed = conn.execute("DELETE FROM budget_spec WHERE name = ?", (name,)).rowcount
+            if removed:
+                conn.execute(_BUMP)
+            return bool(removed)
+
+        return await self._run(self._budget_sync, delete)
+
+    async def budget_specs(self) -> dict[str, dict[str, Any]]:
+        """See :meth:`Store.budget_specs`."""
+        rows = await self._run(self._read_sync, "SELECT name, doc FROM budget_spec ORDER BY name")
+        return decode_spec_docs((str(name), str(doc)) for name, doc in rows)
+
+    async def budget_specs_version(self) -> int:
+        """See :meth:`Store.budget_specs_version`: one indexed read, no write lock."""
+        rows = await self._run(self._read_sync, "SELECT version FROM budget_spec_version")
+        return int(rows[0][0]) if rows else 0
+
+    def _read_sync(self, sql: str) -> list[Any]:
+        return self._connection().execute(sql).fetchall()
 
     def _budget_sync(self, step: Callable[[SqliteBudgets, int], _T]) -> _T:
         conn = self._connection()
