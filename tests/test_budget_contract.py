@@ -235,3 +235,57 @@ async def test_reset_budget_keeps_holds(store: Store) -> None:
     assert (await store.reserve("b", [hard("k", None, 7)], TTL)).ok
     await store.reset_budget("k")
     assert await store.budget_state("k") == BudgetState(0, 7)
+
+
+# -- run-time budget specs -------------------------------------------------------------------
+
+
+async def test_budget_specs_round_trip_and_bump_the_version(store: Store) -> None:
+    assert await store.budget_specs() == {}
+    assert await store.budget_specs_version() == 0
+    doc = {
+        "name": "search-monthly",
+        "scope": {"team": "search", "tag": "ünï o'k"},
+        "limit_usd": "100.50",
+        "period": "month",
+        "timezone": "Europe/Berlin",
+        "enforce": "hard",
+        "requests_per_minute": 60,
+    }
+    await store.put_budget_spec("search-monthly", doc)
+    v1 = await store.budget_specs_version()
+    assert v1 != 0
+    await store.put_budget_spec("gone", {"deleted": True})
+    v2 = await store.budget_specs_version()
+    assert v2 not in (0, v1)
+    assert await store.budget_specs() == {"search-monthly": doc, "gone": {"deleted": True}}
+    # A put of the same name replaces the document, and still bumps.
+    await store.put_budget_spec("gone", {"name": "gone", "scope": {}, "limit_usd": 1})
+    v3 = await store.budget_specs_version()
+    assert v3 not in (0, v1, v2)
+    assert (await store.budget_specs())["gone"] == {"name": "gone", "scope": {}, "limit_usd": 1}
+    assert await store.delete_budget_spec("gone") is True
+    v4 = await store.budget_specs_version()
+    assert v4 not in (0, v1, v2, v3)
+    # Deleting what is not there changes nothing, not even the version.
+    assert await store.delete_budget_spec("gone") is False
+    assert await store.budget_specs_version() == v4
+    assert await store.budget_specs() == {"search-monthly": doc}
+
+
+async def test_concurrent_spec_writes_each_bump_the_version(store: Store) -> None:
+    await asyncio.gather(*(store.put_budget_spec(f"b{i % 7}", {"i": i}) for i in range(60)))
+    assert await store.budget_specs_version() == 60
+    specs = await store.budget_specs()
+    assert sorted(specs) == [f"b{i}" for i in range(7)]
+    assert all(doc["i"] % 7 == int(name[1:]) for name, doc in specs.items())
+
+
+async def test_malformed_spec_writes_are_refused_alike(store: Store) -> None:
+    with pytest.raises(ValueError, match="non-empty name"):
+        await store.put_budget_spec("", {"scope": {}})
+    with pytest.raises(TypeError, match="must be a mapping"):
+        await store.put_budget_spec("x", ["not", "a", "mapping"])  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cannot be stored as JSON"):
+        await store.put_budget_spec("x", {"limit_usd": object()})
+    assert await store.budget_specs_version() == 0
