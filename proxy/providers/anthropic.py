@@ -32,7 +32,7 @@ from proxy.providers._json import (
     token_count,
 )
 from proxy.providers.base import ParsedRequest
-from proxy.providers.sse import SSEParser
+from proxy.providers.sse import ReadOnlyMeter
 from proxy.usage import Usage
 
 _EXAMPLE_MODEL: Final = "claude-sonnet-4-5"
@@ -89,40 +89,10 @@ def _add_blocks(content: object, out: list[str], *, nested: bool = False) -> Non
                 out.append(data)
 
 
-class AnthropicStreamMeter:
+class AnthropicStreamMeter(ReadOnlyMeter):
     """Meters a Messages stream: usage from ``message_start`` and ``message_delta``,
     completion at ``message_stop``; an ``error`` event means the stream did not
     complete. Never changes the bytes: :meth:`feed` returns each chunk as is."""
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.completed = False
-        self.model: str | None = None
-        self.malformed = 0
-        self._parser = SSEParser()
-        self._bad_events = 0
-        self._failed = False
-        self._text: list[str] = []
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Read ``chunk``; return it unchanged."""
-        for event in self._parser.feed(chunk):
-            if event.data:
-                self._read(event.data)
-        self.malformed = self._bad_events + self._parser.malformed
-        return chunk
-
-    def flush(self) -> bytes:
-        """Read a final unterminated event, if any; nothing is ever held back."""
-        for event in self._parser.flush():
-            if event.data:
-                self._read(event.data)
-        self.malformed = self._bad_events + self._parser.malformed
-        return b""
-
-    def output_text(self) -> str:
-        """Text, thinking and tool-input JSON generated so far."""
-        return "".join(self._text)
 
     def _merge(self, usage: object) -> None:
         if isinstance(usage, dict) and (reported := usage_from_anthropic(usage)):

@@ -29,7 +29,7 @@ from proxy.providers._json import (
     token_count,
 )
 from proxy.providers.base import ParsedRequest
-from proxy.providers.sse import SSEEvent, SSEParser
+from proxy.providers.sse import ReadOnlyMeter, SSEEvent, SSEParser
 from proxy.usage import Usage
 
 # --- request side ---------------------------------------------------------------------
@@ -324,42 +324,12 @@ _RESPONSES_TERMINAL: Final = frozenset(
 )
 
 
-class OpenAIResponsesStreamMeter:
+class OpenAIResponsesStreamMeter(ReadOnlyMeter):
     """Meters a Responses API stream (typed events, no ``[DONE]``).
 
     Usage comes from the terminal event (``response.completed``, ``.incomplete`` or
     ``.failed``), whose ``response`` object carries the final ``usage``. Never strips.
     """
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.completed = False
-        self.model: str | None = None
-        self.malformed = 0
-        self._parser = SSEParser()
-        self._bad_events = 0
-        self._failed = False
-        self._text: list[str] = []
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Read ``chunk``; return it unchanged."""
-        for event in self._parser.feed(chunk):
-            if event.data:
-                self._read(event.data)
-        self.malformed = self._bad_events + self._parser.malformed
-        return chunk
-
-    def flush(self) -> bytes:
-        """Read a final unterminated event, if any; nothing is ever held back."""
-        for event in self._parser.flush():
-            if event.data:
-                self._read(event.data)
-        self.malformed = self._bad_events + self._parser.malformed
-        return b""
-
-    def output_text(self) -> str:
-        """Output, refusal, tool-argument and reasoning text generated so far."""
-        return "".join(self._text)
 
     def _read(self, data: bytes) -> None:
         try:

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from proxy.usage import Usage
+
 DEFAULT_MAX_EVENT_BYTES = 8 * 1024 * 1024
 """Largest event kept for parsing (8 MiB); real provider events are a few KiB at most."""
 
@@ -288,3 +290,42 @@ class SSEParser:
         else:
             data = b"\n".join(data_lines)
         return SSEEvent(event, data, raw)
+
+
+class ReadOnlyMeter:
+    """The part of a stream meter shared by formats the proxy never edits (Anthropic
+    Messages, OpenAI Responses): parse every event as it passes, relay every chunk as
+    it is. Subclasses implement :meth:`_read` for one event's data."""
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.completed = False
+        self.model: str | None = None
+        self.malformed = 0
+        self._parser = SSEParser()
+        self._bad_events = 0
+        self._failed = False
+        self._text: list[str] = []
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Read ``chunk``; return it unchanged."""
+        for event in self._parser.feed(chunk):
+            if event.data:
+                self._read(event.data)
+        self.malformed = self._bad_events + self._parser.malformed
+        return chunk
+
+    def flush(self) -> bytes:
+        """Read a final unterminated event, if any; nothing is ever held back."""
+        for event in self._parser.flush():
+            if event.data:
+                self._read(event.data)
+        self.malformed = self._bad_events + self._parser.malformed
+        return b""
+
+    def output_text(self) -> str:
+        """The generated text seen so far."""
+        return "".join(self._text)
+
+    def _read(self, data: bytes) -> None:
+        raise NotImplementedError
