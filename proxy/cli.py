@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import sys
 import time
@@ -113,10 +112,6 @@ def _serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     app = build_app(settings)
-    # Everything loaded so far (catalog, modules) lives for the whole process: moving it
-    # out of the collector's generations avoids full collections that pause the loop.
-    gc.collect()
-    gc.freeze()
     loop = _new_loop()
     web.run_app(
         app,

@@ -139,6 +139,7 @@ class Pipeline:
         self.metrics = metrics
         self.session = session
         self.gate = gate
+        self._timeouts = {name: request_timeout(u) for name, u in settings.upstreams.items()}
         self.journal = journal
         self.fallback = (
             Catalog.fallback(dict(settings.fallback_price))
@@ -298,7 +299,7 @@ class Pipeline:
                 data=ex.parsed.body if ex.parsed.body else None,
                 headers=headers,
                 allow_redirects=False,
-                timeout=request_timeout(up),
+                timeout=self._timeouts[up.name],
             )
         except TimeoutError:
             return await self._upstream_failed(
@@ -692,7 +693,9 @@ class Pipeline:
 
 # ---------------------------------------------------------------------- helpers
 def _new_request_id() -> str:
-    return "mgr_" + os.urandom(12).hex()
+    """``mgr_`` + 12 hex digits of milliseconds + 16 random: time-ordered, so ledger
+    inserts append to the primary-key index instead of landing at random places."""
+    return f"mgr_{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
 
 
 def _charged(ex: Exchange, status: int) -> bool:
