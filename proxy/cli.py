@@ -105,6 +105,11 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
+    # Thread, process and multiprocessing names are never in our log format: skip
+    # collecting them for every record (the access log writes one per request).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
