@@ -63,6 +63,7 @@ def build_app(settings: Settings, *, registry: CollectorRegistry | None = None) 
     app[METRICS] = Metrics(registry or CollectorRegistry(), known_models=catalog.models())
     app[RUNNING] = Running()
     app.cleanup_ctx.append(_resources)
+    app.cleanup_ctx.append(app[METRICS].loop_lag_ctx)  # metergate_event_loop_lag_seconds
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
@@ -161,7 +162,10 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
+    metrics = request.app[METRICS]
+    # Budget gauges come from the shared store, read now (bounded by a timeout).
+    await metrics.refresh_budgets(request.app[RUNNING].gate)
+    body = generate_latest(metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -2,28 +2,145 @@
 
 Label values are bounded: ``upstream`` comes from the config, ``model`` is the
 catalog's canonical name or ``other``, ``team`` from configured keys (``none`` for
-passthrough callers). Money is counted internally in integer nano-dollars; the counter
-exports dollars because that is what dashboards want.
+passthrough callers), ``status`` is a status class (``2xx`` ...) or ``refused_budget``,
+``refused_rate``, ``error``; ``budget`` is a configured budget name. Money is counted
+internally in integer nano-dollars; the counter exports dollars because that is what
+dashboards want.
+
+Budget gauges (``metergate_budget_*_usd{budget}``) are read from the store, not counted
+in this process, so every replica reports the shared truth. prometheus-client collectors
+are synchronous and the store is async, so the ``/metrics`` handler first awaits
+:meth:`Metrics.refresh_budgets` (one ``budget_states`` call, bounded by
+:data:`BUDGET_REFRESH_TIMEOUT_S`) and :class:`BudgetCollector` then yields from that
+snapshot. When the store does not answer in time the last snapshot is served and
+``metergate_budget_scrape_errors_total`` counts the miss; ``metergate_budget_snapshot_age_seconds``
+tells how old the served values are.
+
+How many series
+---------------
+Per (upstream, model, team): ``requests`` x statuses seen (typically 2-4),
+``tokens`` x kinds used (typically 2-3 of 5), ``cost`` x 1. Models are per upstream in
+practice (OpenAI models only appear on the OpenAI upstream). Per (upstream, model):
+``estimated`` x 1. Per upstream: two latency histograms of 18 series each
+(15 buckets + ``+Inf`` + ``_sum`` + ``_count``). Per budget with a limit: 5 gauges.
+Fixed: the overhead and event-loop lag histograms (13 each), store errors (2
+pre-created ops), alert deliveries (4 pre-created channel/result pairs), a few more.
+
+A typical deployment (2 upstreams, 10 models in use, 5 teams, 10 budgets) exports about
+10*5*(3 + 3 + 1) + 10 + 2*2*18 + 10*5 + 40 ~= 520 series per replica, plus one
+``_created`` series per counter and histogram label set (~400 more) unless
+prometheus-client's created series are turned off (``PROMETHEUS_DISABLE_CREATED_SERIES=True``).
+The worst case is bounded by the catalog (65 models) and the configured teams: about
+65*T*(4 + 5 + 1) series for T teams, 3,250 for 5 teams.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from proxy.usage import Usage
+
+if TYPE_CHECKING:
+    from proxy.budget_gate import BudgetGate
+
+log = logging.getLogger("metergate.metrics")
 
 #: Buckets for whole-request and time-to-first-byte latencies (seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 #: Buckets for the proxy's own overhead, which should be well under a millisecond.
 OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+#: Buckets for how late a periodic timer on the event loop fires (seconds).
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 NANOS_PER_USD = 1_000_000_000
+#: How long a scrape waits for the store before serving the last budget snapshot: well
+#: under Prometheus's default scrape timeout (10 s), so a slow store never fails a scrape.
+BUDGET_REFRESH_TIMEOUT_S = 1.0
+#: How often the event-loop lag timer fires.
+LOOP_LAG_INTERVAL_S = 0.5
+#: Operations whose store errors are counted (pre-created at zero, so that dashboards
+#: and alerts see a series before the first error).
+STORE_OPS = ("ledger_write", "budget")
+#: Alert channels and results pre-created at zero, for the same reason.
+ALERT_CHANNELS = ("slack", "webhook")
+ALERT_RESULTS = ("ok", "failed")
 
 
 def status_class(status: int) -> str:
     """``2xx``, ``4xx`` ... for a status code."""
     return f"{status // 100}xx"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetSample:
+    """One budget's values at the last refresh, in dollars (end: Unix seconds or None)."""
+
+    budget: str
+    spent_usd: float
+    reserved_usd: float
+    limit_usd: float
+    period_start: float | None
+    period_end: float | None
+
+
+class BudgetCollector(Collector):
+    """Yields the budget gauges from the snapshot taken by :meth:`Metrics.refresh_budgets`.
+
+    Synchronous by necessity (prometheus-client calls ``collect`` from
+    ``generate_latest``); it never touches the store itself."""
+
+    def __init__(self) -> None:
+        self.samples: tuple[BudgetSample, ...] = ()
+        self.taken_at: float | None = None  # time.time() of the last good refresh
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spent = GaugeMetricFamily(
+            "metergate_budget_spent_usd",
+            "Spend charged to the budget in its current period (from the shared store).",
+            labels=["budget"],
+        )
+        reserved = GaugeMetricFamily(
+            "metergate_budget_reserved_usd",
+            "Money held on the budget by requests in flight (from the shared store).",
+            labels=["budget"],
+        )
+        limit = GaugeMetricFamily(
+            "metergate_budget_limit_usd", "The budget's spend limit per period.", labels=["budget"]
+        )
+        start = GaugeMetricFamily(
+            "metergate_budget_period_start_timestamp_seconds",
+            "Start of the budget's current period (Unix time); absent for period total.",
+            labels=["budget"],
+        )
+        end = GaugeMetricFamily(
+            "metergate_budget_period_end_timestamp_seconds",
+            "End of the budget's current period, when it resets (Unix time); absent for "
+            "period total.",
+            labels=["budget"],
+        )
+        for s in self.samples:
+            spent.add_metric([s.budget], s.spent_usd)
+            reserved.add_metric([s.budget], s.reserved_usd)
+            limit.add_metric([s.budget], s.limit_usd)
+            if s.period_start is not None:
+                start.add_metric([s.budget], s.period_start)
+            if s.period_end is not None:
+                end.add_metric([s.budget], s.period_end)
+        age = GaugeMetricFamily(
+            "metergate_budget_snapshot_age_seconds",
+            "Age of the budget values served by this scrape (0 when read just now).",
+        )
+        if self.taken_at is not None:
+            age.add_metric([], max(0.0, time.time() - self.taken_at))
+        yield from (spent, reserved, limit, start, end, age)
 
 
 class Metrics:
@@ -101,6 +218,67 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=registry,
         )
+        self.loop_lag = Histogram(
+            "metergate_event_loop_lag_seconds",
+            f"How late a {LOOP_LAG_INTERVAL_S:g} s timer on the event loop fires: time the "
+            "loop was busy with something that did not yield.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=registry,
+        )
+        self.budget_scrape_errors = Counter(
+            "metergate_budget_scrape_errors",
+            "Scrapes that served the previous budget snapshot because the store failed or "
+            "did not answer in time.",
+            registry=registry,
+        )
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
+        for channel in ALERT_CHANNELS:
+            for result in ALERT_RESULTS:
+                self.alerts_sent.labels(channel, result)
+        self.budgets = BudgetCollector()
+        registry.register(self.budgets)
+        self._gate_errors_seen = 0
+
+    async def refresh_budgets(
+        self, gate: BudgetGate | None, timeout_s: float = BUDGET_REFRESH_TIMEOUT_S
+    ) -> None:
+        """Read every capped budget from the store into the snapshot the collector serves.
+
+        Call it in the ``/metrics`` handler before ``generate_latest``. Never raises: on
+        a store failure or timeout the previous snapshot stays (its age is exported)."""
+        if gate is None:
+            return  # starting or stopping: keep what we had
+        # The gate counts its own store failures (reserve/settle/release) as an int;
+        # carry the increase into the counter, so there is one store-errors metric.
+        delta = gate.store_errors - self._gate_errors_seen
+        if delta > 0:
+            self.store_errors.labels("budget").inc(delta)
+        self._gate_errors_seen = gate.store_errors
+        try:
+            statuses = await asyncio.wait_for(gate.status(), timeout_s)
+        except Exception as exc:
+            # Deliberately broad: a timeout or any store's own error (redis, sqlite)
+            # must not fail the scrape, which also carries every other metric.
+            self.budget_scrape_errors.inc()
+            log.warning("budget gauges not refreshed (serving the last values): %r", exc)
+            return
+        self.budgets.samples = tuple(
+            BudgetSample(
+                budget=st.spec.name,
+                spent_usd=st.state.spent_nanos / NANOS_PER_USD,
+                reserved_usd=st.state.reserved_nanos / NANOS_PER_USD,
+                limit_usd=(st.spec.limit_nanos or 0) / NANOS_PER_USD,
+                period_start=st.window.start.timestamp() if st.window.start else None,
+                period_end=st.window.end.timestamp() if st.window.end else None,
+            )
+            for st in statuses
+        )
+        self.budgets.taken_at = time.time()
+
+    def loop_lag_ctx(self, _app: Any) -> AsyncIterator[None]:
+        """An aiohttp ``cleanup_ctx`` that runs the event-loop lag timer while the app runs."""
+        return _loop_lag_ctx(self.loop_lag.observe)
 
     def model_label(self, canonical: str | None) -> str:
         """A bounded model label: a catalog name, or ``other``."""
@@ -126,3 +304,24 @@ class Metrics:
                 self.estimated.labels(upstream, model).inc()
         if cost_nanos:
             self.cost.labels(upstream, model, team).inc(cost_nanos / NANOS_PER_USD)
+
+
+async def _loop_lag_ctx(observe: Callable[[float], None]) -> AsyncIterator[None]:
+    task = asyncio.get_running_loop().create_task(measure_loop_lag(observe))
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def measure_loop_lag(
+    observe: Callable[[float], None], interval_s: float = LOOP_LAG_INTERVAL_S
+) -> None:
+    """Sleep ``interval_s`` forever and observe how much later than asked each wake-up
+    comes: one timer per process, so it costs nothing measurable."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, loop.time() - started - interval_s))

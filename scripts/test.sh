@@ -6,9 +6,8 @@ cd "$(dirname "$0")/.."
 
 # System packages the tests start on loopback themselves (they never skip without them).
 missing=()
-for bin in redis-server; do
-  command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
-done
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"
