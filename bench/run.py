@@ -2,12 +2,22 @@
 
 Starts the fake upstream (tests/fake_upstream.py), the reference pass-through proxy
 (bench/bare_proxy.py) and Metergate (``metergate serve``, embedded SQLite store, ledger,
-metrics and access log on), each pinned to its CPUs, then measures three targets in
+metrics and access log on), each pinned to its CPUs, then measures the targets in
 alternation, round after round, and prints one table (JSON in bench/results/):
 
     direct     the client talks to the fake upstream itself
     bare       client → bare_proxy.py → fake
     metergate  client → metergate serve → fake
+
+and, for the cost of budgets (``--budgets``, issue #3), two more Metergate processes on
+a throwaway ``redis-server`` that this harness starts (pinned with the load generator):
+
+    metergate-redis          store on Redis, no budgets (the ledger goes to Redis)
+    metergate-redis-budgets  the same plus three budgets every request matches: a hard
+                             monthly cap scoped {} and one scoped to the caller's team
+                             (huge limits), and a requests_per_minute limit on the team
+                             (far above any rate here): each request reserves on 2 spend
+                             budgets + 1 rate limit, then settles them
 
 Measurements (see bench/README.md for what each number means):
   1. max throughput of a ~300-byte non-streamed chat request (wrk, or aiohttp without it)
@@ -16,23 +26,29 @@ Measurements (see bench/README.md for what each number means):
   4. time to the first event of a streamed chat request
   5. peak RSS (VmHWM) of each proxy process
   6. p99 of small requests while 1 MiB-prompt requests are in flight, vs without
+  7. Redis targets: Redis CPU and commands per request (``INFO commandstats`` diffed
+     around each measurement); after the rounds, ``MONITOR`` during a short load on
+     metergate-redis-budgets attributes its round trips to scripts
 
 Run with the project's venv (it needs aiohttp, and the ``metergate`` script):
 
     .venv/bin/python bench/run.py            # full run, about 3.5 minutes
     .venv/bin/python bench/run.py --quick    # one short round, under a minute
+    .venv/bin/python bench/run.py --budgets  # five targets, throughput + latency, ~4.5 min
 
 Everything it starts it stops, by PID, in ``finally``. Stdlib + aiohttp only; ``wrk``
-and ``py-spy`` are used when installed.
+and ``py-spy`` are used when installed; the Redis targets need ``redis-server``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
 import platform
+import re
 import select
 import shutil
 import signal
@@ -43,6 +59,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -58,8 +75,30 @@ from loadgen import BIG_PROMPT_BYTES
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-TARGETS = ("direct", "bare", "metergate")
-LABELS = {"direct": "direct", "bare": "bare hop", "metergate": "Metergate"}
+TARGETS = ("direct", "bare", "metergate", "metergate-redis", "metergate-redis-budgets")
+LABELS = {
+    "direct": "direct",
+    "bare": "bare hop",
+    "metergate": "Metergate",
+    "metergate-redis": "MG redis",
+    "metergate-redis-budgets": "MG budgets",
+}
+#: What a run measures without --targets: the original three, or all five (--budgets).
+DEFAULT_TARGETS = ("direct", "bare", "metergate")
+REDIS_TARGETS = ("metergate-redis", "metergate-redis-budgets")
+#: Each Redis target has its own key namespace (ledger and budget keys) on the one
+#: throwaway Redis; MONITOR lines of the budgets target are recognised by it.
+REDIS_NAMESPACES = {"metergate-redis": "mgr", "metergate-redis-budgets": "mgb"}
+BUDGET_TEAM = "bench"
+#: Every request of the bench key matches all three: 2 spend holds and 1 rate limit per
+#: reserve and per settle. The limits are far above anything a run reaches (9,000,000
+#: USD is near the largest a budget takes; the rate is 100,000 requests per second).
+BUDGETS_YAML = f"""budgets:
+  - {{name: all-monthly, scope: {{}}, limit_usd: 9000000, period: month, enforce: hard}}
+  - {{name: team-monthly, scope: {{team: {BUDGET_TEAM}}}, limit_usd: 9000000, enforce: hard}}
+  - {{name: team-rpm, scope: {{team: {BUDGET_TEAM}}}, requests_per_minute: 6000000}}
+"""
+BUDGET_NAMES = ("all-monthly", "team-monthly")
 
 UPSTREAM_KEY = "sk-bench-upstream-0000000000"
 METERGATE_KEY = "mg-bench-app-0000000000"
@@ -244,6 +283,139 @@ class Worker:
             self.popen.wait(timeout=5)
 
 
+# --------------------------------------------------------------------------- redis
+class Resp:
+    """A minimal RESP2 client (stdlib only) for the harness's own Redis calls."""
+
+    def __init__(self, port: int, timeout: float | None = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.rfile = self.sock.makefile("rb")
+
+    def send(self, *args: Any) -> None:
+        parts = [b"*%d\r\n" % len(args)]
+        for a in args:
+            data = a if isinstance(a, bytes) else str(a).encode()
+            parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        self.sock.sendall(b"".join(parts))
+
+    def call(self, *args: Any) -> Any:
+        self.send(*args)
+        return self.read()
+
+    def read(self) -> Any:
+        line = self.rfile.readline()
+        if not line:
+            raise ConnectionError("Redis closed the connection")
+        kind, rest = line[:1], line[1:].rstrip(b"\r\n")
+        if kind == b"+":
+            return rest.decode()
+        if kind == b"-":
+            raise RuntimeError(f"Redis: {rest.decode(errors='replace')}")
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.rfile.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.read() for _ in range(n)]
+        raise RuntimeError(f"unexpected Redis reply {line[:80]!r}")
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.rfile.close()
+        self.sock.close()
+
+
+#: Commands the harness itself sends while a measurement runs (not Metergate's).
+HARNESS_COMMANDS = frozenset({"info", "ping"})
+
+
+class RedisServer:
+    """The throwaway ``redis-server`` of the Redis targets: a free loopback port, no
+    persistence, capped memory, pinned to the load CPUs; stopped by PID like the rest."""
+
+    def __init__(self, binary: str, cpus: set[int], tmp: Path) -> None:
+        self.port = free_port()
+        argv = [binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", "--dir", str(tmp)]
+        argv += ["--maxmemory", "2gb", "--maxmemory-policy", "noeviction", "--logfile", ""]
+        self.proc = Proc("redis", argv, cpus, tmp / "redis.log")
+        self._conn: Resp | None = None
+
+    def start(self) -> None:
+        self.proc.start()
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.proc.alive():
+                raise RuntimeError(f"redis-server exited at start-up:\n{self.proc.tail()}")
+            try:
+                if self.call("PING") == "PONG":
+                    return
+            except (OSError, ConnectionError, RuntimeError):
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not ready after {timeout:g} s:\n{self.proc.tail()}")
+
+    def call(self, *args: Any) -> Any:
+        if self._conn is None:
+            self._conn = Resp(self.port)
+        try:
+            return self._conn.call(*args)
+        except (OSError, ConnectionError):
+            self._conn.close()
+            self._conn = None
+            raise
+
+    def info(self, section: str) -> dict[str, str]:
+        text = self.call("INFO", section).decode()
+        return dict(
+            line.split(":", 1) for line in text.splitlines() if ":" in line and line[0] != "#"
+        )
+
+    def commandstats(self) -> dict[str, tuple[int, int]]:
+        """(calls, µs) per command since start; commands run inside scripts are counted
+        as well (and a script's µs include theirs)."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, rest in self.info("commandstats").items():
+            if name.startswith("cmdstat_"):
+                fields = dict(kv.split("=", 1) for kv in rest.split(","))
+                out[name[8:]] = (int(fields["calls"]), int(fields["usec"]))
+        return out
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def metered_requests(t: Target) -> int:
+    """Requests a Metergate process has finished, from its /metrics."""
+    url = t.base.rsplit("/", 1)[0] + "/metrics"
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    return int(
+        sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("metergate_requests_total{")
+        )
+    )
+
+
+def script_names(src: Path) -> dict[str, str]:
+    """SHA1 -> name of the store's Lua scripts, as EVALSHA names them."""
+    out = {}
+    for f in sorted((src / "proxy" / "store" / "lua").glob("*.lua")):
+        out[hashlib.sha1(f.read_text("utf-8").encode()).hexdigest()] = f.stem
+    return out
+
+
 # ------------------------------------------------------------------------- targets
 @dataclass
 class Target:
@@ -261,9 +433,12 @@ class Target:
         return h
 
 
-def metergate_config(path: Path, port: int, fake_port: int, store: str, access_log: bool) -> None:
+def metergate_config(
+    path: Path, port: int, fake_port: int, store: str, access_log: bool, extra: str = ""
+) -> None:
     """The config Metergate runs with: metering, ledger, metrics (always on) and the
-    access log as in the example config; both upstreams point at the fake."""
+    access log as in the example config; both upstreams point at the fake. ``extra``:
+    more top-level YAML (journal_dir, budgets)."""
     up = f"http://127.0.0.1:{fake_port}"
     path.write_text(
         f"""# generated by bench/run.py
@@ -278,8 +453,8 @@ upstreams:
   openai:    {{url: "{up}", format: openai,    api_key: "{UPSTREAM_KEY}"}}
   anthropic: {{url: "{up}", format: anthropic, api_key: "{UPSTREAM_KEY}"}}
 keys:
-  - {{key: "{METERGATE_KEY}", name: bench-app, team: bench, user: bench-user}}
-"""
+  - {{key: "{METERGATE_KEY}", name: bench-app, team: {BUDGET_TEAM}, user: bench-user}}
+{extra}"""
     )
 
 
@@ -290,8 +465,8 @@ def check_target(t: Target) -> None:
         body = json.loads(r.read())
         if r.status != 200 or "usage" not in body:
             raise RuntimeError(f"{t.name}: unexpected answer {r.status} {body!r:.200}")
-        if t.name == "metergate" and not r.headers.get("X-Metergate-Cost-USD"):
-            raise RuntimeError("metergate: no X-Metergate-Cost-USD header; is it metering?")
+        if t.name.startswith("metergate") and not r.headers.get("X-Metergate-Cost-USD"):
+            raise RuntimeError(f"{t.name}: no X-Metergate-Cost-USD header; is it metering?")
     req = urllib.request.Request(
         t.url(), data=STREAM_BODY, headers=t.headers({"X-Fake-Chunks": "3"}), method="POST"
     )
@@ -331,6 +506,12 @@ class Bench:
     pids: list[int]
     raw: dict[str, dict[str, list[Any]]] = field(default_factory=dict)
     sent: Counter[str] = field(default_factory=Counter)
+    redis: RedisServer | None = None
+    #: per measurement of a Redis target: the commandstats difference, per command
+    redis_detail: list[dict[str, Any]] = field(default_factory=list)
+    #: requests a budgets target admitted unchecked (fail_open), per test
+    unchecked: Counter[str] = field(default_factory=Counter)
+    _log_pos: dict[str, int] = field(default_factory=dict)
 
     def ours(self) -> float:
         """CPU seconds used so far by everything this harness runs (itself included;
@@ -407,8 +588,10 @@ class Bench:
             warm = self.worker.call(self._closed_cmd(t, a.warmup), a.warmup + 60)
             self.sent[t.name] += warm["requests"]
         f0 = self.foreign_begin()
+        r0 = self.redis_begin(t)
         c0 = self._cpu(t)
         k0 = core_times(self.proxy_cpus)
+        l0 = core_times(self.load_cpus)
         if self.wrk:
             out = self.wrk_run(t, a.throughput_seconds)
             rps, n, secs = out["rps"], out["requests"], out["duration_us"] / 1e6
@@ -418,8 +601,15 @@ class Bench:
             self.sent[t.name] += n
         c1 = self._cpu(t)
         k1 = core_times(self.proxy_cpus)
+        l1 = core_times(self.load_cpus)
         busy = self.foreign_end(t.name, "throughput", f0)
+        rtrips = self.redis_end(t, r0, "", "throughput")
+        rtrips += self.new_unchecked(t, "throughput")
         self.note(t.name, "rps", rps)
+        if l1[1] > l0[1]:
+            self.note(t.name, "load_core_busy_pct", (l1[0] - l0[0]) / (l1[1] - l0[1]) * 100)
+        if self.redis is not None and t.name in REDIS_TARGETS:
+            self.note(t.name, "redis_cpu_us_per_req", (c1[2] - c0[2]) / n * 1e6)
         self.note(t.name, "throughput_errors", out["errors"])
         self.note(t.name, "fake_cpu_us_per_req", (c1[1] - c0[1]) / n * 1e6)
         if t.proc is not None:
@@ -427,7 +617,9 @@ class Bench:
             self.note(t.name, "cpu_busy_pct", (c1[0] - c0[0]) / secs * 100)
             if k1[1] > k0[1]:
                 self.note(t.name, "core_busy_pct", (k1[0] - k0[0]) / (k1[1] - k0[1]) * 100)
-        self._say(f"  {t.name:<9} throughput {rps:8.0f} req/s  errors {out['errors']}{busy}")
+        self._say(
+            f"  {t.name:<23} throughput {rps:8.0f} req/s  errors {out['errors']}{rtrips}{busy}"
+        )
 
     def _closed_cmd(self, t: Target, seconds: float) -> dict[str, Any]:
         return {
@@ -439,9 +631,69 @@ class Bench:
             "duration": seconds,
         }
 
-    def _cpu(self, t: Target) -> tuple[float, float]:
+    def _cpu(self, t: Target) -> tuple[float, float, float]:
+        """CPU seconds so far of the proxy, the fake, and Redis (for Redis targets)."""
         proxy = cpu_seconds(t.proc.pid) if t.proc is not None else 0.0
-        return proxy, cpu_seconds(self.fake.pid)
+        redis = 0.0
+        if self.redis is not None and t.name in REDIS_TARGETS:
+            redis = cpu_seconds(self.redis.proc.pid)
+        return proxy, cpu_seconds(self.fake.pid), redis
+
+    def new_unchecked(self, t: Target, test: str) -> str:
+        """Requests the budgets target admitted unchecked since the last call (its
+        "budget store unavailable, admitting ... unchecked" warnings), counted for
+        ``test``. Reads only the new part of its log."""
+        if t.name != "metergate-redis-budgets" or t.proc is None:
+            return ""
+        with open(t.proc.log, "rb") as f:
+            f.seek(self._log_pos.get(t.name, 0))
+            data = f.read()
+        cut = data.rfind(b"\n") + 1  # a line being written is read next time
+        self._log_pos[t.name] = self._log_pos.get(t.name, 0) + cut
+        n = data[:cut].count(b"budget store unavailable, admitting")
+        self.unchecked[test] += n
+        return f"  [{n} admitted UNCHECKED: store slower than store_timeout_ms]" if n else ""
+
+    def redis_begin(self, t: Target) -> tuple[dict[str, tuple[int, int]], int] | None:
+        """Before a measurement of a Redis target: Redis's command counters and the
+        target's finished requests (outside the proxy CPU window: /metrics costs CPU)."""
+        if self.redis is None or t.name not in REDIS_TARGETS:
+            return None
+        return self.redis.commandstats(), metered_requests(t)
+
+    def redis_end(
+        self,
+        t: Target,
+        begin: tuple[dict[str, tuple[int, int]], int] | None,
+        prefix: str,
+        test: str,
+    ) -> str:
+        """Commands Redis ran per request the target finished during the measurement:
+        EVALSHA/EVAL (one round trip each) and all commands, those run inside the
+        scripts included (INFO commandstats counts both)."""
+        if begin is None or self.redis is None:
+            return ""
+        s0, n0 = begin
+        time.sleep(0.3)  # the requests cut at the end of the load finish, and settle
+        s1, n1 = self.redis.commandstats(), metered_requests(t)
+        n = n1 - n0
+        if n <= 0:
+            return ""
+        diff, usec = {}, {}
+        for k, (calls, us) in sorted(s1.items()):
+            c0, u0 = s0.get(k, (0, 0))
+            if k not in HARNESS_COMMANDS and calls > c0:
+                diff[k], usec[k] = calls - c0, us - u0
+        evals = diff.get("evalsha", 0) + diff.get("eval", 0)
+        self.note(t.name, f"{prefix}redis_evals_per_req", evals / n)
+        self.note(t.name, f"{prefix}redis_cmds_per_req", sum(diff.values()) / n)
+        if evals:
+            script_us = usec.get("evalsha", 0) + usec.get("eval", 0)
+            self.note(t.name, f"{prefix}redis_script_us", script_us / evals)
+        self.redis_detail.append(
+            {"target": t.name, "test": test, "requests": n, "calls": diff, "usec": usec}
+        )
+        return f"  [Redis: {evals / n:.2f} scripts, {sum(diff.values()) / n:.1f} commands per req]"
 
     def paced(self, t: Target, heavy: bool) -> None:
         a = self.args
@@ -457,10 +709,15 @@ class Bench:
         if heavy:
             cmd["heavy"] = {"url": t.url(), "size": BIG_PROMPT_BYTES, "rate": a.big_rate}
         f0 = self.foreign_begin()
+        r0 = None if heavy else self.redis_begin(t)
         c0 = self._cpu(t)
         out = self.worker.call(cmd, a.latency_seconds + 60)
         c1 = self._cpu(t)
         busy = self.foreign_end(t.name, "big" if heavy else "lat", f0)
+        rtrips = self.redis_end(t, r0, "lat_", "latency")
+        rtrips += self.new_unchecked(t, "big" if heavy else "latency")
+        if r0 is not None:
+            self.note(t.name, "lat_redis_cpu_us_per_req", (c1[2] - c0[2]) / out["sent_total"] * 1e6)
         self.sent[t.name] += out["sent_total"] + out.get("heavy_n", 0)
         key = "big" if heavy else "lat"
         for k in ("p50_ms", "p99_ms", "max_ms", "errors", "gen_lateness_p99_ms"):
@@ -473,9 +730,10 @@ class Bench:
             self.note(t.name, "lat_cpu_us_per_req", (c1[0] - c0[0]) / out["sent_total"] * 1e6)
         what = "with 1 MiB prompts" if heavy else f"at {a.rate:g} req/s"
         self._say(
-            f"  {t.name:<9} latency {what}: p50 {out['p50_ms']:.2f} ms, "
+            f"  {t.name:<23} latency {what}: p50 {out['p50_ms']:.2f} ms, "
             f"p99 {out['p99_ms']:.2f} ms, errors {out['errors']}"
             + (f", big {out['heavy_n']} (errors {out['heavy_errors']})" if heavy else "")
+            + rtrips
             + busy
         )
 
@@ -501,7 +759,7 @@ class Bench:
         self.note(t.name, "stream_total_ms", out["total_median_ms"])
         self.note(t.name, "ttfb_errors", out["errors"])
         self._say(
-            f"  {t.name:<9} stream first event {out['ttfb_median_ms']:.2f} ms "
+            f"  {t.name:<23} stream first event {out['ttfb_median_ms']:.2f} ms "
             f"(whole stream {out['total_median_ms']:.1f} ms), errors {out['errors']}{busy}"
         )
 
@@ -536,9 +794,9 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
             return "—"
         return (("+" if v >= 0 else "") if sign else "") + format(v, fmt)
 
-    def last(key: str, kind: str, fmt: str) -> str:
-        m = s.get("metergate", {}).get(key)
-        b = s.get("bare", {}).get(key)
+    def compare(a: str, b_: str, key: str, kind: str, fmt: str) -> str:
+        m = s.get(a, {}).get(key)
+        b = s.get(b_, {}).get(key)
         if m is None or b is None:
             return ""
         if kind == "ratio":
@@ -554,9 +812,13 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
         ("  proxy process CPU busy during it, %", "cpu_busy_pct", ".0f", False, ""),
         ("  proxy's core busy (incl. softirq), %", "core_busy_pct", ".0f", False, ""),
         ("  fake upstream CPU per request, µs", "fake_cpu_us_per_req", ".0f", False, ""),
-        (f"latency @{rate:g} req/s p50, ms", "lat_p50_ms", ".2f", False, "diff"),
+        ("  load generator's CPU busy, %", "load_core_busy_pct", ".0f", False, ""),
+        ("  Redis CPU per request, µs", "redis_cpu_us_per_req", ".0f", False, "ratio+diff"),
+        ("  Redis EVALSHA/EVAL per request", "redis_evals_per_req", ".2f", False, "diff"),
+        ("  Redis commands/request (incl. in scripts)", "redis_cmds_per_req", ".1f", False, "diff"),
+        (f"latency @{rate:g} req/s p50, ms", "lat_p50_ms", ".2f", False, "ratio+diff"),
         ("  added vs direct p50, ms", "added_lat_p50_ms", ".2f", True, "diff"),
-        (f"latency @{rate:g} req/s p99, ms", "lat_p99_ms", ".2f", False, "diff"),
+        (f"latency @{rate:g} req/s p99, ms", "lat_p99_ms", ".2f", False, "ratio+diff"),
         ("  added vs direct p99, ms", "added_lat_p99_ms", ".2f", True, "diff"),
         (
             f"  proxy CPU per request @{rate:g} req/s, µs",
@@ -564,6 +826,20 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
             ".0f",
             False,
             "ratio+diff",
+        ),
+        (
+            f"  Redis CPU per request @{rate:g} req/s, µs",
+            "lat_redis_cpu_us_per_req",
+            ".0f",
+            False,
+            "ratio+diff",
+        ),
+        (
+            f"  Redis EVALSHA/EVAL per request @{rate:g}",
+            "lat_redis_evals_per_req",
+            ".2f",
+            False,
+            "diff",
         ),
         ("stream first event, ms (median)", "ttfb_ms", ".2f", False, "diff"),
         ("  added vs direct, ms", "added_ttfb_ms", ".2f", True, "diff"),
@@ -580,16 +856,15 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
         ("  RSS when started, MiB", "rss_start_mib", ".1f", False, "diff"),
     ]
     cols = [LABELS[t] for t in targets]
-    show_last = "bare" in targets and "metergate" in targets
-    header = ["metric (median of rounds)", *cols] + (["Metergate vs bare"] if show_last else [])
+    pairs = comparisons(targets)
+    header = ["metric (median of rounds)", *cols] + [title for _, _, title in pairs]
     lines = []
     body: list[list[str]] = []
     for label, key, fmt, signed, kind in rows:
         if all(s.get(t, {}).get(key) is None for t in targets):
             continue
         row = [label] + [cell(t, key, fmt, signed) for t in targets]
-        if show_last:
-            row.append(last(key, kind, fmt) if kind else "")
+        row += [compare(a, b, key, kind, fmt) if kind else "" for a, b, _ in pairs]
         body.append(row)
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
 
@@ -602,6 +877,46 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
     lines.append("  ".join("-" * w for w in widths))
     lines.extend(line(r) for r in body)
     return "\n".join(lines)
+
+
+def comparisons(targets: list[str]) -> list[tuple[str, str, str]]:
+    """The table's last columns: (target, reference, title)."""
+    out = []
+    if "metergate-redis-budgets" in targets and "metergate-redis" in targets:
+        out.append(("metergate-redis-budgets", "metergate-redis", "budgets on vs off"))
+    if "metergate-redis-budgets" in targets and "bare" in targets:
+        out.append(("metergate-redis-budgets", "bare", "budgets vs bare"))
+    if not out and "metergate" in targets and "bare" in targets:
+        out.append(("metergate", "bare", "Metergate vs bare"))
+    return out
+
+
+def render_round_trips(s: dict[str, dict[str, float | None]], monitor: dict[str, Any]) -> list[str]:
+    """Redis round trips per request of the budgets target, with and without budgets."""
+    on, off = s.get("metergate-redis-budgets", {}), s.get("metergate-redis", {})
+    out = []
+    for prefix, what in (("", "throughput runs"), ("lat_", "paced runs")):
+        evals, cmds = on.get(prefix + "redis_evals_per_req"), on.get(prefix + "redis_cmds_per_req")
+        if evals is None or cmds is None:
+            continue
+        us = on.get(prefix + "redis_script_us")
+        line = (
+            f"Redis per request, INFO commandstats over the {what} (median of rounds): "
+            f"MG budgets {evals:.3f} EVALSHA/EVAL, {cmds:.1f} commands incl. inside scripts"
+            + (f", {us:.0f} µs in Redis per script call" if us is not None else "")
+        )
+        e0, c0 = off.get(prefix + "redis_evals_per_req"), off.get(prefix + "redis_cmds_per_req")
+        if e0 is not None and c0 is not None:
+            us0 = off.get(prefix + "redis_script_us")
+            line += (
+                f"; MG redis {e0:.3f} and {c0:.1f}"
+                + (f" ({us0:.0f} µs per ledger script call)" if us0 is not None else "")
+                + f"\n  => budgets add {evals - e0:.3f} round trips (script calls) per request"
+            )
+        out.append(line)
+    if monitor:
+        out.append(f"MONITOR, MG budgets: {render_monitor(monitor)}")
+    return out
 
 
 # --------------------------------------------------------------------------- profile
@@ -749,7 +1064,17 @@ def siblings(cpu: int) -> set[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Metergate vs a bare aiohttp hop vs direct.")
     p.add_argument("--quick", action="store_true", help="one short round (under a minute)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,bare,metergate")
+    p.add_argument(
+        "--budgets",
+        action="store_true",
+        help="the cost of budgets on Redis (issue #3): all five targets, and only the "
+        "throughput and latency tests unless --skip says otherwise (~4.5 min; quick ~1 min)",
+    )
+    p.add_argument(
+        "--targets",
+        help=f"subset of {','.join(TARGETS)}, or all (default: "
+        f"{','.join(DEFAULT_TARGETS)}; with --budgets: all)",
+    )
     p.add_argument("--rounds", type=int, help="rounds, median taken (default 3; quick 1)")
     p.add_argument("--throughput-seconds", type=float, help="per target per round (default 5)")
     p.add_argument("--warmup", type=float, default=1.0, help="throughput warm-up seconds")
@@ -760,7 +1085,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--stream-chunks", type=int, default=5)
     p.add_argument("--chunk-delay-ms", type=int, default=20)
     p.add_argument("--big-rate", type=float, default=4.0, help="1 MiB-prompt requests per s")
-    p.add_argument("--skip", default="", help="tests to skip: throughput,latency,ttfb,big")
+    p.add_argument(
+        "--skip",
+        help="tests to skip: throughput,latency,ttfb,big (default none; with --budgets: "
+        "ttfb,big; --skip '' runs all)",
+    )
     p.add_argument("--no-wrk", action="store_true", help="use the aiohttp load generator")
     p.add_argument("--no-access-log", action="store_true", help="Metergate access_log: false")
     p.add_argument(
@@ -805,6 +1134,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PCT",
         help="warn when other processes use more than PCT%% of a CPU (default 10)",
     )
+    p.add_argument(
+        "--redis-server",
+        default=shutil.which("redis-server"),
+        help="the redis-server binary for the Redis targets (default: from PATH); the "
+        "harness starts its own on a free loopback port, no persistence",
+    )
+    p.add_argument(
+        "--monitor-seconds",
+        type=float,
+        default=2.0,
+        help="after the rounds, MONITOR Redis while wrk drives metergate-redis-budgets this "
+        "long, to attribute its round trips to scripts (0: off; default 2)",
+    )
     p.add_argument("--keep-tmp", action="store_true", help="keep the temp dir (logs, ledger)")
     args = p.parse_args(argv)
     q = args.quick
@@ -812,11 +1154,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.throughput_seconds = args.throughput_seconds or (3.0 if q else 5.0)
     args.latency_seconds = args.latency_seconds or (3.0 if q else 6.0)
     args.ttfb_n = args.ttfb_n or (10 if q else 20)
+    if args.targets is None:
+        args.targets = ",".join(TARGETS if args.budgets else DEFAULT_TARGETS)
+    elif args.targets.strip() == "all":
+        args.targets = ",".join(TARGETS)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not targets or any(t not in TARGETS for t in targets):
-        p.error(f"--targets takes a comma-separated subset of {', '.join(TARGETS)}")
+        p.error(f"--targets takes all, or a comma-separated subset of {', '.join(TARGETS)}")
     args.targets = [t for t in TARGETS if t in targets]  # fixed column order
+    if args.skip is None:
+        args.skip = "ttfb,big" if args.budgets else ""
     args.skip = sorted({s.strip() for s in args.skip.split(",") if s.strip()})
+    args.redis_version = None
+    if any(t in REDIS_TARGETS for t in args.targets) and not args.redis_server:
+        p.error("the Redis targets need redis-server (on PATH, or --redis-server PATH)")
     args.wrk = None if args.no_wrk else shutil.which("wrk")
     args.metergate_bin = None
     args.metergate_commit = None
@@ -830,7 +1181,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--metergate-rev {args.metergate_rev!r} is not a commit of this repository")
         args.metergate_commit = cp.stdout.strip()
     args.metergate_version = metergate_version(args.metergate_commit)
-    if "metergate" in args.targets and not args.metergate_rev:
+    if any(t.startswith("metergate") for t in args.targets) and not args.metergate_rev:
         found = Path(sys.executable).parent / "metergate"
         if not found.exists():
             found = Path(shutil.which("metergate") or "")
@@ -870,11 +1221,47 @@ def choose_pinning(args: argparse.Namespace) -> Pinning:
     return pin
 
 
+def start_metergate(
+    args: argparse.Namespace,
+    tmp: Path,
+    pin: Pinning,
+    procs: list[Proc],
+    name: str,
+    fake_port: int,
+    store: str,
+    extra: str,
+) -> Target:
+    """Start one Metergate process (not waiting for it) on the proxy CPUs."""
+    port = free_port()
+    cfg = tmp / f"{name}.yaml"
+    metergate_config(cfg, port, fake_port, store, not args.no_access_log, extra)
+    serve = ["serve", "--config", str(cfg), "--log-level", "INFO"]
+    if args.metergate_rev:
+        src = args.metergate_src
+        mg = Proc(
+            name,
+            [sys.executable, "-m", "proxy.cli", *serve],
+            pin.proxy,
+            tmp / f"{name}.log",
+            env={**os.environ, "PYTHONPATH": str(src)},
+            cwd=src,  # `python -m` puts the cwd first on sys.path
+        )
+    else:
+        mg = Proc(name, [args.metergate_bin, *serve], pin.proxy, tmp / f"{name}.log")
+    procs.append(mg)
+    mg.start()
+    return Target(name, f"http://127.0.0.1:{port}/openai", METERGATE_KEY, mg)
+
+
 def start_targets(
     args: argparse.Namespace, tmp: Path, pin: Pinning, procs: list[Proc]
-) -> tuple[Proc, dict[str, Target]]:
-    """Start the fake and the proxies (appending each to ``procs`` at once, so the
-    caller's ``finally`` stops it), wait until each is ready, and check each target."""
+) -> tuple[Proc, dict[str, Target], RedisServer | None]:
+    """Start the fake, Redis (for the Redis targets) and the proxies (appending each to
+    ``procs`` at once, so the caller's ``finally`` stops it), wait until each is ready,
+    and check each target."""
+    args.metergate_src = ROOT
+    if args.metergate_rev and any(n.startswith("metergate") for n in args.targets):
+        args.metergate_src = export_tree(args.metergate_commit, tmp / "metergate-src")
     fake_port = free_port()
     up = f"http://127.0.0.1:{fake_port}"
     # --require-key: the fake refuses any other key, so Metergate must swap its key in.
@@ -887,6 +1274,13 @@ def start_targets(
     )
     procs.append(fake)
     fake.start()
+    redis: RedisServer | None = None
+    if any(n in REDIS_TARGETS for n in args.targets):
+        redis = RedisServer(args.redis_server, pin.load, tmp)
+        procs.append(redis.proc)
+        redis.start()
+        redis.wait_ready()
+        args.redis_version = redis.info("server").get("redis_version", "?")
     tmap: dict[str, Target] = {}
     if "direct" in args.targets:
         tmap["direct"] = Target("direct", up, UPSTREAM_KEY, None)
@@ -902,37 +1296,27 @@ def start_targets(
         procs.append(bare)
         bare.start()
         tmap["bare"] = Target("bare", f"http://127.0.0.1:{port}/openai", UPSTREAM_KEY, bare)
-    if "metergate" in args.targets:
-        port = free_port()
-        cfg = tmp / "metergate.yaml"
-        store = f"sqlite:///{tmp / 'ledger.db'}" if args.store == "sqlite" else args.store
-        metergate_config(cfg, port, fake_port, store, not args.no_access_log)
-        serve = ["serve", "--config", str(cfg), "--log-level", "INFO"]
-        if args.metergate_rev:
-            src = export_tree(args.metergate_commit, tmp / "metergate-src")
-            mg = Proc(
-                "metergate",
-                [sys.executable, "-m", "proxy.cli", *serve],
-                pin.proxy,
-                tmp / "metergate.log",
-                env={**os.environ, "PYTHONPATH": str(src)},
-                cwd=src,  # `python -m` puts the cwd first on sys.path
-            )
+    for name in (n for n in args.targets if n.startswith("metergate")):
+        extra = ""
+        if name == "metergate":
+            store = f"sqlite:///{tmp / 'ledger.db'}" if args.store == "sqlite" else args.store
         else:
-            mg = Proc("metergate", [args.metergate_bin, *serve], pin.proxy, tmp / "metergate.log")
-        procs.append(mg)
-        mg.start()
-        tmap["metergate"] = Target(
-            "metergate", f"http://127.0.0.1:{port}/openai", METERGATE_KEY, mg
-        )
+            assert redis is not None
+            ns = REDIS_NAMESPACES[name]
+            store = f"redis://127.0.0.1:{redis.port}/0?namespace={ns}"
+            # Not the default ./metergate-journal, which is relative to the cwd.
+            extra = f'journal_dir: "{tmp / ("journal-" + ns)}"\n'
+            if name == "metergate-redis-budgets":
+                extra += BUDGETS_YAML
+        tmap[name] = start_metergate(args, tmp, pin, procs, name, fake_port, store, extra)
     fake.wait_ready(f"{up}/_fake/health")
     for name, t in tmap.items():
         if t.proc is not None:
-            path = "/readyz" if name == "metergate" else "/healthz"
+            path = "/readyz" if name.startswith("metergate") else "/healthz"
             t.proc.wait_ready(t.base.rsplit("/", 1)[0] + path, timeout=60)
     for t in tmap.values():
         check_target(t)
-    return fake, tmap
+    return fake, tmap, redis
 
 
 def run_rounds(b: Bench) -> None:
@@ -967,8 +1351,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="metergate-bench-"))
     procs: list[Proc] = []
     worker: Worker | None = None
+    redis: RedisServer | None = None
     try:
-        fake, tmap = start_targets(args, tmp, pin, procs)
+        fake, tmap, redis = start_targets(args, tmp, pin, procs)
         rss_start = {
             n: proc_status_kib(t.proc.pid, "VmRSS") / 1024 for n, t in tmap.items() if t.proc
         }
@@ -983,6 +1368,7 @@ def main(argv: list[str] | None = None) -> int:
             args.wrk,
             pin.proxy,
             [pr.pid for pr in procs] + [worker.pid],
+            redis=redis,
         )
         for name in tmap:
             b.sent[name] += 2  # check_target
@@ -997,8 +1383,15 @@ def main(argv: list[str] | None = None) -> int:
             if t.proc is not None:
                 b.note(name, "rss_peak_mib", proc_status_kib(t.proc.pid, "VmHWM") / 1024)
                 b.note(name, "rss_start_mib", rss_start[name])
+        result: dict[str, Any] = {"monitor": {}}
+        if redis is not None and "metergate-redis-budgets" in tmap and args.monitor_seconds > 0:
+            result["monitor"] = monitor_round_trips(b, args.monitor_seconds)
         elapsed = time.monotonic() - t_begin
-        result: dict[str, Any] = {"checks": metergate_checks(tmap, tmp, b.sent)}
+        result["checks"] = metergate_checks(tmap, tmp, b.sent, redis)
+        if "metergate-redis-budgets" in result["checks"]:
+            b.new_unchecked(tmap["metergate-redis-budgets"], "other")
+            result["checks"]["metergate-redis-budgets"]["unchecked_by_test"] = dict(b.unchecked)
+        result["redis_detail"] = b.redis_detail
         stamp = started.strftime("%Y%m%d-%H%M%S")
         RESULTS.mkdir(parents=True, exist_ok=True)
         result["profiles"] = {}
@@ -1011,6 +1404,8 @@ def main(argv: list[str] | None = None) -> int:
         report(b, result, pin, started, elapsed, stamp)
         return 0
     finally:
+        if redis is not None:
+            redis.close()
         if worker is not None:
             worker.stop()
         for proc in reversed(procs):
@@ -1032,12 +1427,19 @@ def report(
     """Print the table (and warnings, and profiles); write the JSON."""
     args = b.args
     summary = summarise(b.raw)
+    mg = [t for t in args.targets if t.startswith("metergate")]
+    stores, store_lines = "", ""
+    if mg == ["metergate"]:
+        stores = f"store {args.store}, "
+    elif mg:
+        store_lines = f"stores: {store_summary(args, pin)}\n"
     header = (
         f"Metergate bench {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s; "
         f"{os.cpu_count()} CPUs ({_cpu_model()}), "
         f"Python {platform.python_version()}, aiohttp {_aiohttp_version()}; "
-        f"Metergate {args.metergate_version} (store {args.store}, "
+        f"Metergate {args.metergate_version} ({stores}"
         f"access log {'off' if args.no_access_log else 'on'})\n"
+        f"{store_lines}"
         f"pinning: {pin.describe()}; throughput: "
         f"{'wrk -t1' if args.wrk else 'aiohttp'} -c{args.connections} "
         f"{args.throughput_seconds:g} s; latency: open loop {args.rate:g} req/s "
@@ -1046,14 +1448,8 @@ def report(
         f"{args.rounds} round(s)"
     )
     table = render_table(summary, args.targets, args.rate)
-    notes = []
-    chk = result["checks"]
-    if chk:
-        notes.append(
-            f"metergate: {chk.get('ledger_rows')} ledger rows, "
-            f"{chk.get('metered_requests')} requests in /metrics, clients completed "
-            f"{chk.get('client_completed')} (wrk does not count the ones cut at its end)"
-        )
+    notes = render_checks(result["checks"])
+    notes.extend(render_round_trips(summary, result["monitor"]))
 
     def worst(suffix: str) -> float:
         return max(
@@ -1113,6 +1509,26 @@ def report(
     print(f"\nJSON: {out.relative_to(ROOT)}")
 
 
+def store_summary(args: argparse.Namespace, pin: Pinning) -> str:
+    """Which store each Metergate target runs on, and the budgets."""
+    mg = [t for t in args.targets if t.startswith("metergate")]
+    parts = []
+    if "metergate" in mg:
+        parts.append(f"Metergate {args.store}")
+    redis = [LABELS[t] for t in mg if t in REDIS_TARGETS]
+    if redis:
+        parts.append(
+            f"{' and '.join(redis)} Redis {args.redis_version} (a redis-server of its own, "
+            f"CPU {fmt_cpus(pin.load)})"
+        )
+    if "metergate-redis-budgets" in mg:
+        parts.append(
+            "MG budgets: hard monthly caps all-monthly {} and team-monthly {team}, "
+            "rate team-rpm 6,000,000/min; fail_open, store_timeout_ms 50"
+        )
+    return " | ".join(parts)
+
+
 def wait_quiet(b: Bench, max_wait: float) -> None:
     """Between measurements nothing of ours runs, so any CPU use is someone else's."""
     deadline = time.monotonic() + max_wait
@@ -1167,33 +1583,197 @@ def metergate_version(rev: str | None) -> str:
     return head + ("+dirty" if dirty else "")
 
 
-def metergate_checks(tmap: dict[str, Target], tmp: Path, sent: Counter[str]) -> dict[str, Any]:
-    """Did Metergate really meter? Ledger rows and /metrics against what clients sent."""
-    t = tmap.get("metergate")
-    if t is None:
-        return {}
-    out: dict[str, Any] = {"client_completed": sent["metergate"]}
+def metergate_checks(
+    tmap: dict[str, Target], tmp: Path, sent: Counter[str], redis: RedisServer | None
+) -> dict[str, Any]:
+    """Did each Metergate really meter? Ledger rows and /metrics against what clients
+    sent; for the budgets target, the budgets' spend against the metered cost, holds
+    left behind, refusals, and requests admitted unchecked because the store was slow."""
+    checks: dict[str, Any] = {}
+    for name, t in tmap.items():
+        if name.startswith("metergate"):
+            checks[name] = _checks_one(t, tmp, sent, redis)
+    return checks
+
+
+def _checks_one(
+    t: Target, tmp: Path, sent: Counter[str], redis: RedisServer | None
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"client_completed": sent[t.name]}
     try:
         url = t.base.rsplit("/", 1)[0] + "/metrics"
         with urllib.request.urlopen(url, timeout=5) as r:
             text = r.read().decode()
-        out["metered_requests"] = int(
-            sum(
-                float(line.rsplit(" ", 1)[1])
-                for line in text.splitlines()
-                if line.startswith("metergate_requests_total{")
-            )
-        )
+        by_status: Counter[str] = Counter()
+        cost = 0.0
+        for line in text.splitlines():
+            if line.startswith("metergate_requests_total{"):
+                status = re.search(r'status="([^"]*)"', line)
+                by_status[status.group(1) if status else "?"] += int(float(line.rsplit(" ", 1)[1]))
+            elif line.startswith("metergate_cost_usd_total{"):
+                cost += float(line.rsplit(" ", 1)[1])
+        out["metered_requests"] = sum(by_status.values())
+        out["metered_by_status"] = dict(by_status)
+        out["metered_cost_usd"] = cost
     except (OSError, ValueError) as exc:
         out["metrics_error"] = str(exc)
-    if not (tmp / "ledger.db").exists():
+    if t.name == "metergate":
+        if (tmp / "ledger.db").exists():
+            try:
+                with sqlite3.connect(f"file:{tmp / 'ledger.db'}?mode=ro", uri=True) as db:
+                    out["ledger_rows"] = db.execute("SELECT count(*) FROM ledger").fetchone()[0]
+            except sqlite3.Error as exc:
+                out["ledger_error"] = str(exc)
         return out
+    if redis is None:
+        return out
+    ns = REDIS_NAMESPACES[t.name]
     try:
-        with sqlite3.connect(f"file:{tmp / 'ledger.db'}?mode=ro", uri=True) as db:
-            out["ledger_rows"] = db.execute("SELECT count(*) FROM ledger").fetchone()[0]
-    except sqlite3.Error as exc:
-        out["ledger_error"] = str(exc)
+        out["ledger_rows"] = redis.call("ZCARD", "{" + ns + ":ledger}:lt")
+        if t.name == "metergate-redis-budgets":
+            budgets: dict[str, dict[str, int]] = {}
+            for key in sorted(redis.call("KEYS", "{" + ns + "}:b:*")):
+                spent, reserved = redis.call("HMGET", key, "spent", "reserved")
+                budgets[key.decode().split(":b:", 1)[1]] = {
+                    "spent_nanos": int(spent or 0),
+                    "reserved_nanos": int(reserved or 0),
+                }
+            out["budgets"] = budgets
+            out["open_reservations"] = redis.call("ZCARD", "{" + ns + "}:rx")
+    except (OSError, ConnectionError, RuntimeError) as exc:
+        out["redis_error"] = str(exc)
+    log = t.proc.log.read_text(errors="replace") if t.proc is not None else ""
+    # fail_open: a reserve the store did not answer in time admits the request unchecked
+    out["admitted_unchecked"] = log.count("budget store unavailable, admitting")
+    out["settles_lost"] = log.count("is lost (store and journal failed)")
+    journal = tmp / ("journal-" + ns)
+    files = [f for f in journal.rglob("*") if f.is_file()] if journal.exists() else []
+    out["journal_bytes"] = sum(f.stat().st_size for f in files)
     return out
+
+
+def render_checks(checks: dict[str, Any]) -> list[str]:
+    lines = []
+    for name, c in checks.items():
+        line = (
+            f"{LABELS[name]}: {c.get('ledger_rows')} ledger rows, "
+            f"{c.get('metered_requests')} requests in /metrics, clients completed "
+            f"{c.get('client_completed')}"
+        )
+        refused = sum(v for k, v in c.get("metered_by_status", {}).items() if "refused" in k)
+        if name != "metergate":
+            line += f"; refused {refused}"
+        lines.append(line)
+        if "budgets" in c:
+            cost = c.get("metered_cost_usd", 0.0)
+            by = {k: v for k, v in c.get("unchecked_by_test", {}).items() if v}
+            by_test = (": " + ", ".join(f"{k} {v}" for k, v in by.items())) if by else ""
+            parts = [
+                f"{k} spent ${v['spent_nanos'] / 1e9:.6f}, held ${v['reserved_nanos'] / 1e9:.6f}"
+                for k, v in c["budgets"].items()
+            ]
+            lines.append(
+                f"  budgets: {'; '.join(parts) or 'NONE'} (metered cost ${cost:.6f}); "
+                f"{c.get('open_reservations')} holds open; "
+                f"{c.get('admitted_unchecked')} admitted unchecked (store slower than "
+                f"store_timeout_ms{by_test}), {c.get('settles_lost')} settles lost, journal "
+                f"{c.get('journal_bytes')} bytes"
+            )
+    if checks:
+        lines.append("  (wrk does not count the requests cut at its end)")
+    return lines
+
+
+#: One MONITOR line: time, [db client-address-or-"lua"], the command, its first argument.
+_MONITOR_RE = re.compile(rb'^\+\d+\.\d+ \[\d+ (\S+)\] "([^"]*)"(?: "([^"]*)")?')
+
+
+def monitor_round_trips(b: Bench, seconds: float) -> dict[str, Any]:
+    """Attribute the Redis round trips of metergate-redis-budgets to what sends them.
+
+    MONITOR reports every command a client sends (one round trip each: the store sends
+    one command at a time, no pipelining) and, marked ``lua``, every command a script
+    runs. While it listens, wrk (or the closed-loop generator) drives the budgets target
+    as in the throughput test; commands are counted when they name the target's
+    namespace (the other Redis target's spec polls are left out). MONITOR slows Redis
+    down, so this run is not a measurement of speed; it is not in the table.
+    """
+    assert b.redis is not None
+    t = b.targets["metergate-redis-budgets"]
+    names = script_names(b.args.metergate_src)
+    tag = ("{" + REDIS_NAMESPACES[t.name]).encode()
+    sent: Counter[str] = Counter()
+    in_scripts = 0
+    conn = Resp(b.redis.port, timeout=None)
+
+    def reader() -> None:
+        nonlocal in_scripts
+        try:
+            for line in conn.rfile:
+                m = _MONITOR_RE.match(line)
+                if not m:
+                    continue
+                who, cmd, arg = m.groups()
+                if who == b"lua":
+                    in_scripts += 1
+                elif tag in line:
+                    command = cmd.decode().upper()
+                    if command == "EVALSHA" and arg:
+                        command += " " + names.get(arg.decode(), arg.decode()[:12])
+                    sent[command] += 1
+        except (OSError, ValueError):
+            pass  # the socket was closed: done
+
+    try:
+        conn.send("MONITOR")
+        if conn.read() != "OK":
+            raise RuntimeError("Redis refused MONITOR")
+        th = threading.Thread(target=reader, daemon=True)
+        th.start()
+        b.new_unchecked(t, "before MONITOR")
+        n0 = metered_requests(t)
+        if b.wrk:
+            b.wrk_run(t, seconds)
+            how = f"wrk -t1 -c{b.args.connections} {seconds:g} s"
+        else:
+            b.worker.call(b._closed_cmd(t, seconds), seconds + 60)
+            how = f"aiohttp closed loop -c{b.args.connections} {seconds:g} s"
+        time.sleep(0.3)
+        n1 = metered_requests(t)
+        time.sleep(0.2)
+    finally:
+        conn.close()
+    th.join(timeout=10)
+    n = max(1, n1 - n0)
+    out = {
+        "how": how,
+        "requests": n1 - n0,
+        "sent": dict(sent.most_common()),
+        "sent_per_req": {k: v / n for k, v in sent.most_common()},
+        "round_trips_per_req": sum(sent.values()) / n,
+        "in_scripts_per_req": in_scripts / n,
+    }
+    ledger = sent.get("EVALSHA ledger_v1", 0)
+    out["ledger_records_per_batch"] = (n1 - n0) / ledger if ledger else None
+    b.new_unchecked(t, "MONITOR")
+    b._say(f"  MONITOR: {render_monitor(out)}")
+    return out
+
+
+def render_monitor(m: dict[str, Any]) -> str:
+    parts = []
+    for k, v in m["sent_per_req"].items():
+        note = ""
+        if k == "EVALSHA ledger_v1" and m.get("ledger_records_per_batch"):
+            note = f" (batches of {m['ledger_records_per_batch']:.1f} records)"
+        elif k == "GET":
+            note = " (spec-version polls, 2/s)"
+        parts.append(f"{k} {v:.3f}{note}")
+    return (
+        f"{m['requests']} requests under {m['how']}: {m['round_trips_per_req']:.3f} commands "
+        f"sent per request = {' + '.join(parts)}; {m['in_scripts_per_req']:.1f} more run "
+        "inside the scripts"
+    )
 
 
 def _cpu_model() -> str:
