@@ -37,10 +37,10 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from proxy.budget import (
     BudgetSpec,
@@ -59,13 +59,23 @@ from proxy.store.base import BudgetState, RateItem, ReserveItem, Store
 if TYPE_CHECKING:
     from proxy.journal import Journal
 
-__all__ = ["DEFAULT_RESERVATION_TTL_S", "DEFAULT_STORE_TIMEOUT_S", "ON_STORE_ERROR", "BudgetGate"]
+__all__ = [
+    "DEFAULT_RESERVATION_TTL_S",
+    "DEFAULT_STORE_TIMEOUT_S",
+    "ON_STORE_ERROR",
+    "BudgetGate",
+    "wait_for_store",
+]
 
 log = logging.getLogger("metergate.budget")
 
 ON_STORE_ERROR: Final = ("fail_open", "fail_closed")
 DEFAULT_STORE_TIMEOUT_S: Final = 0.05
 DEFAULT_RESERVATION_TTL_S: Final = 900.0
+#: The longest a store call waits while the store keeps answering other calls or the
+#: event loop is busy elsewhere (a burst queued in this process); see _await_store.
+STORE_MAX_WAIT_S: Final = 2.0
+_T = TypeVar("_T")
 _NANOS_PER_USD: Final = 1_000_000_000
 
 
@@ -100,6 +110,8 @@ class BudgetGate:
         # nor the journal took (their spend is missing from the budgets).
         self.store_errors = 0
         self.lost_settles = 0
+        # Store calls that completed (the store's signs of life, see wait_for_store).
+        self.store_answers = 0
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def drain(self) -> None:
@@ -160,9 +172,8 @@ class BudgetGate:
         if not items and not rates:
             return reservation  # no budget applies: no store call at all
         try:
-            result = await asyncio.wait_for(
-                self.store.reserve(request_id, items, self.reservation_ttl_s, rates=rates),
-                self.store_timeout_s,
+            result = await self._await_store(
+                self.store.reserve(request_id, items, self.reservation_ttl_s, rates=rates)
             )
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_errors += 1
@@ -195,6 +206,14 @@ class BudgetGate:
                 headers={"Retry-After": str(retry)},
             )
         raise RuntimeError(f"The reservation id {request_id!r} was already used and settled.")
+
+    async def _await_store(self, call: Coroutine[Any, Any, _T]) -> _T:
+        """One store call, bounded by :func:`wait_for_store`; counts the store's answers."""
+        result = await wait_for_store(
+            call, self.store_timeout_s, answers=lambda: self.store_answers
+        )
+        self.store_answers += 1
+        return result
 
     @staticmethod
     def _exceeded(
@@ -238,9 +257,7 @@ class BudgetGate:
     ) -> None:
         charges = dict.fromkeys(reservation.keys, actual_nanos)
         try:
-            await asyncio.wait_for(
-                self.store.settle(reservation.id, charges, tokens=tokens), self.store_timeout_s
-            )
+            await self._await_store(self.store.settle(reservation.id, charges, tokens=tokens))
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_errors += 1
             reason: BaseException = exc
@@ -265,7 +282,7 @@ class BudgetGate:
             return  # no budget applied: nothing to give back
         # Even when store_held is False, a reserve that timed out may have landed.
         try:
-            await asyncio.wait_for(self.store.release(reservation.id), self.store_timeout_s)
+            await self._await_store(self.store.release(reservation.id))
         except (StoreUnavailable, TimeoutError) as exc:
             self.store_errors += 1
             log.warning("release of %s failed; it expires on its own: %s", reservation.id, exc)
@@ -279,3 +296,57 @@ class BudgetGate:
             BudgetStatus(spec, window, key, states[key])
             for (spec, window), key in zip(capped, keys, strict=True)
         ]
+
+
+async def wait_for_store(
+    call: Coroutine[Any, Any, _T],
+    timeout_s: float,
+    *,
+    answers: Callable[[], int],
+    max_wait_s: float = STORE_MAX_WAIT_S,
+) -> _T:
+    """Await one store call; raise TimeoutError only when the *store* is slow.
+
+    ``answers()`` counts the store calls that completed so far (any caller's): the
+    store's signs of life. The call gives up after an interval of ``timeout_s`` in which
+    the event loop was free to listen (its timer fired on time, and its thread spent
+    less than half the interval on the CPU) and ``answers()`` did not move: the store
+    itself answered nothing. Intervals the loop spent at work elsewhere (a burst of
+    requests, a pool of new connections being set up), or in which the store answered
+    other calls, do not count, up to ``max_wait_s`` in all. So a store that is down,
+    paused or partitioned fails a call after about ``timeout_s``, while a healthy store
+    behind a queue in this process does not; a proxy that is saturated *and* has a slow
+    store may hold a request up to ``max_wait_s``.
+
+    Fix (found by tests/test_budget_replicas.py): the gate used a plain
+    ``wait_for(call, store_timeout_s)``. A burst queues its store calls inside the
+    process, so a call took longer than 50 ms while Redis answered each in well under a
+    millisecond; under fail_open each such reserve admitted its request unchecked, and
+    500 concurrent requests on two replicas against a cap that fits 173 admitted 388 to
+    481 of them. Cancelling the caller cancels the call.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    task = loop.create_task(call)
+    try:
+        while True:
+            waited_from, cpu_from, seen = loop.time(), time.thread_time(), answers()
+            # wait() neither cancels the task nor raises on timeout.
+            await asyncio.wait((task,), timeout=timeout_s)
+            if task.done():
+                return task.result()  # or the store's own error
+            now = loop.time()
+            loop_was_busy = (
+                now - waited_from > timeout_s * 1.5  # our timer fired late
+                or time.thread_time() - cpu_from > (now - waited_from) / 2  # loop at work
+            )
+            store_answered = answers() != seen
+            if (not loop_was_busy and not store_answered) or now - started >= max(
+                max_wait_s, timeout_s
+            ):
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                raise TimeoutError(f"the store answered nothing for {timeout_s:g} s")
+    except asyncio.CancelledError:
+        task.cancel()  # the caller was cancelled: do not leave its call behind
+        raise

@@ -27,7 +27,7 @@ from aiohttp import web
 from yarl import URL
 
 from proxy.budget import RequestFacts, Reservation, worst_case_nanos
-from proxy.budget_gate import BudgetGate
+from proxy.budget_gate import BudgetGate, wait_for_store
 from proxy.callers import Caller, KeyRing, parse_tags
 from proxy.errors import (
     BadRequest,
@@ -626,7 +626,17 @@ class Pipeline:
 
     async def _write_ledger(self, record: LedgerRecord) -> None:
         try:
-            await asyncio.wait_for(self.writer.write(record), LEDGER_WRITE_TIMEOUT_S)
+            # Fix (found by tests/test_budget_faults.py): this was a plain 2 s wait_for,
+            # so a slow (paused) Redis held every request for 2 s, far past
+            # store_timeout_ms. The wait now ends once the store has answered nothing for
+            # store_timeout_ms while the loop was free to listen; records queued behind
+            # batches the store is still working through wait, up to the 2 s.
+            await wait_for_store(
+                self.writer.write(record),
+                self.settings.store_timeout_ms / 1000.0,
+                answers=lambda: self.writer.batches + self.writer.failed_batches,
+                max_wait_s=LEDGER_WRITE_TIMEOUT_S,
+            )
         except Exception as exc:
             # The store failed or is too slow (Redis down, disk full). The client still
             # gets its answer; the record goes to the local journal, which is replayed

@@ -102,7 +102,7 @@ async def test_two_processes_admit_exactly_what_fits(
         await store.close()
 
 
-async def test_a_cluster_call_touches_one_slot(redis_cluster: RedisClusterServers) -> None:  # noqa: F811
+async def test_a_cluster_call_touches_one_slot(redis_cluster: RedisClusterServers) -> None:
     namespace = _ns()
     store = open_store(f"{redis_cluster.url}?namespace={namespace}")
     await store.open()
@@ -128,7 +128,7 @@ async def test_a_cluster_call_touches_one_slot(redis_cluster: RedisClusterServer
         await store.close()
 
 
-async def test_a_lost_script_cache_falls_back_to_eval(redis_server: RedisServer) -> None:  # noqa: F811
+async def test_a_lost_script_cache_falls_back_to_eval(redis_server: RedisServer) -> None:
     store = open_store(f"{redis_server.url}?namespace={_ns()}")
     await store.open()
     client = aioredis.Redis(port=redis_server.port)

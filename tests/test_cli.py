@@ -48,7 +48,7 @@ class Served:
 
     async def start(self) -> None:
         # Popen returns at once; the readiness wait below is the async part.
-        self.proc = subprocess.Popen(  # noqa: ASYNC220
+        self.proc = subprocess.Popen(
             [*METERGATE, "serve", "--config", str(self.config), "--log-level", "WARNING"],
             cwd=self.config.parent,
         )

@@ -1,0 +1,264 @@
+"""Budgets when Redis fails: killed and restarted under load (fail-open: every request
+served, every charge journaled and replayed exactly once), down under fail_closed (503
+in the provider's shape), and slow (paused) without stalling requests.
+
+Each test runs its own ``redis-server`` (started by :mod:`tests.redis_servers`, stopped
+by PID), so killing or pausing it disturbs no other test. The kill test keeps Redis's
+data across the kill (``--appendonly yes --appendfsync always``): holds and charges made
+before the kill survive it, which makes "after replay, the Redis totals equal the fake
+upstream's usage exactly" a clean assertion. Without ``redis-server`` these tests fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+import redis
+
+from proxy.store import BudgetState, open_store
+from tests.conftest import KEY_A, KEY_B, ProxyFactory
+from tests.fake_upstream import FakeUpstream
+from tests.redis_servers import RedisServer, start_standalone
+from tests.test_budget_replicas import (
+    MESSAGES,
+    MODEL,
+    ReplicaFactory,
+    independent_cost,
+    namespace,
+    replica_config,
+    replicas,  # noqa: F401  (the fixture is used by name)
+    wait_until,
+)
+
+ALL = {"name": "all", "scope": {}, "limit_usd": "1000", "period": "total"}
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own that keeps every acknowledged write across a kill -9."""
+    server = start_standalone(tmp_path / "redis", "--appendonly", "yes", "--appendfsync", "always")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, without persistence (fast writes)."""
+    server = start_standalone(tmp_path / "redis")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def journal_files(directory: Path) -> list[Path]:
+    return sorted(directory.glob("journal-*.jsonl")) if directory.exists() else []
+
+
+async def test_redis_killed_mid_run_fail_open_loses_no_spend(
+    durable_redis: RedisServer, fake: FakeUpstream, replicas: ReplicaFactory, tmp_path: Path
+) -> None:
+    """Two replicas, 360 requests from the openai SDK, Redis SIGKILLed a quarter of the
+    way in and restarted on its port a second later. Every request completes; requests
+    in flight at the kill settle into the journal (their holds survive in the AOF),
+    requests during the outage are admitted unchecked and journaled, and once Redis is
+    back each journal is replayed exactly once: spent == the fake's usage, priced
+    independently, to the nano-dollar, with nothing left reserved, and it stays so."""
+    store_url = f"{durable_redis.url}/0?namespace={namespace()}"
+    config = replica_config(fake.url, store_url, [ALL], tmp_path)
+    group = await replicas(config)
+    clients = [group[0].openai(KEY_A), group[1].openai(KEY_B)]
+    total, workers = 360, 16
+    rng = random.Random(7)
+    plans = [(rng.randrange(10, 400), rng.randrange(1, 60)) for _ in range(total)]
+    queue = list(range(total))
+    done_at: list[float] = []
+    failures: list[BaseException] = []
+    quarter = asyncio.Event()
+
+    async def worker(w: int) -> None:
+        while queue:
+            i = queue.pop()
+            tokens_in, tokens_out = plans[i]
+            headers = {
+                "X-Fake-Input": str(tokens_in),
+                "X-Fake-Output": str(tokens_out),
+                "X-Fake-Delay-Ms": "100",  # spreads the run over a few seconds
+            }
+            try:
+                completion = await clients[i % 2].chat.completions.create(
+                    model=MODEL, messages=MESSAGES, max_tokens=64, extra_headers=headers
+                )
+                assert completion.usage is not None
+                assert completion.usage.completion_tokens == tokens_out
+            except Exception as exc:
+                failures.append(exc)
+            done_at.append(time.monotonic())
+            if len(done_at) >= total // 4:
+                quarter.set()
+
+    run = asyncio.gather(*(worker(w) for w in range(workers)))
+    try:
+        await asyncio.wait_for(quarter.wait(), 30)
+        killed_at = time.monotonic()
+        durable_redis.kill()  # SIGKILL, with requests in flight
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(durable_redis.start)  # same port, same AOF
+        restarted_at = time.monotonic()
+        await asyncio.wait_for(run, 60)
+    finally:
+        for client in clients:
+            await client.close()
+    logs = "\n".join(r.log() for r in group)
+    unchecked = sum(r.log(None).count("admitting") for r in group)
+    assert not failures, (failures[:3], logs)
+    assert len(done_at) == total
+    during = sum(killed_at < t < restarted_at for t in done_at)
+    before = sum(t <= killed_at for t in done_at)
+    print(
+        f"\n{before} requests before the kill, {during} while Redis was down, "
+        f"{total - before - during} after; {unchecked} admitted unchecked"
+    )
+    assert during > 0 and total - before - during > 0
+    assert unchecked > 0  # the outage really happened under load
+
+    await fake.wait_idle()
+    assert len(fake.records) == total
+    assert all(r["status"] == 200 and r["completed"] for r in fake.records)
+    expected = sum(independent_cost(r) for r in fake.records)
+
+    store = open_store(store_url)
+    await store.open()
+    journal_dir = tmp_path / "journal"
+    try:
+
+        async def replayed() -> bool:
+            state = await store.budget_state("all:total")
+            return state == BudgetState(expected, 0) and not journal_files(journal_dir)
+
+        try:
+            await wait_until(replayed, 15, "the journals to be replayed")
+        except AssertionError:
+            state = await store.budget_state("all:total")
+            raise AssertionError(
+                f"Redis {state} != expected spent {expected}; journal files "
+                f"{journal_files(journal_dir)}\n{logs}"
+            ) from None
+        records = await store.ledger_records()
+        assert len(records) == total  # the journaled ledger records are back, once each
+        assert sum(r.cost_nanos for r in records) == expected
+        assert all(r.status == 200 and r.exact for r in records)
+        # Exactly once: two more replay rounds (one a second) change nothing.
+        await asyncio.sleep(2.5)
+        assert await store.budget_state("all:total") == BudgetState(expected, 0)
+        assert len(await store.ledger_records()) == total
+    finally:
+        await store.close()
+    for replica in group:  # no settle or ledger record was dropped
+        assert "is lost" not in replica.log(None)
+        assert "no journal took it" not in replica.log(None)
+
+
+async def test_fail_closed_refuses_with_503_while_redis_is_down(
+    own_redis: RedisServer, fake: FakeUpstream, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    proxy = await make_proxy(
+        {"budgets": [ALL], "on_store_error": "fail_closed", "journal_dir": str(tmp_path / "j")},
+        store=f"{own_redis.url}/0?namespace={namespace()}",
+    )
+    oa, an = proxy.openai(), proxy.anthropic()
+    try:
+        await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+        own_redis.kill()
+        fake.reset()
+
+        with pytest.raises(openai.APIStatusError) as oerr:
+            await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+        assert oerr.value.status_code == 503
+        assert oerr.value.code == "store_unavailable"
+        body: Any = oerr.value.body
+        assert body["type"] == "api_error" and "budget store is unavailable" in body["message"]
+
+        with pytest.raises(anthropic.APIStatusError) as aerr:
+            await an.messages.create(
+                model="claude-haiku-4-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+        assert aerr.value.status_code == 503
+        raw = aerr.value.response.json()
+        assert raw["type"] == "error" and raw["error"]["type"] == "overloaded_error"
+        assert "budget store is unavailable" in raw["error"]["message"]
+        assert not fake.records  # a refused request reaches no upstream
+
+        await asyncio.to_thread(own_redis.start)
+        completion = await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+        assert completion.usage is not None
+    finally:
+        await oa.close()
+        await an.close()
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+async def test_a_paused_redis_does_not_stall_requests(
+    policy: str, own_redis: RedisServer, fake: FakeUpstream, make_proxy: ProxyFactory,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """``CLIENT PAUSE 2000 ALL`` (sent on a connection of its own) makes Redis hold every
+    other client's command for two seconds: a slow store, not a dead one. Requests made
+    meanwhile must not wait for it much beyond ``store_timeout_ms``."""
+    timeout_ms = 50
+    proxy = await make_proxy(
+        {
+            "budgets": [ALL],
+            "on_store_error": policy,
+            "store_timeout_ms": timeout_ms,
+            "journal_dir": str(tmp_path / "j"),
+        },
+        store=f"{own_redis.url}/0?namespace={namespace()}",
+    )
+    client = proxy.openai()
+
+    async def timed() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        try:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+            status = 200
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+        return time.perf_counter() - t0, status
+
+    pauser = redis.Redis(port=own_redis.port)
+    try:
+        baseline = [await timed() for _ in range(10)]  # also warms the connections
+        assert all(status == 200 for _, status in baseline)
+        pauser.execute_command("CLIENT", "PAUSE", 2000, "ALL")
+        paused_at = time.perf_counter()
+        during = [await timed() for _ in range(8)]
+        during += await asyncio.gather(*(timed() for _ in range(8)))  # and concurrently
+        spent_s = time.perf_counter() - paused_at
+    finally:
+        pauser.execute_command("CLIENT", "UNPAUSE")
+        pauser.close()
+        await client.close()
+    base_ms = statistics.median(t for t, _ in baseline) * 1000
+    lat_ms = [t * 1000 for t, _ in during]
+    print(
+        f"\n{policy}: baseline median {base_ms:.1f} ms; during the pause "
+        f"{[round(x) for x in lat_ms]} ms, median {statistics.median(lat_ms):.1f}, max "
+        f"{max(lat_ms):.1f} (store_timeout {timeout_ms} ms); 16 requests took {spent_s:.2f} s"
+    )
+    assert spent_s < 2.0, "the requests outlasted the pause"
+    want = 200 if policy == "fail_open" else 503
+    assert all(status == want for _, status in during), during
+    # The store timeout, the request's own time, and generous slack for a loaded machine.
+    assert max(lat_ms) < timeout_ms + base_ms + 400, lat_ms
