@@ -237,10 +237,14 @@ class SpecWatcher:
         True when it swapped. Store errors propagate (:meth:`run` tolerates them)."""
         # The version is read BEFORE the documents: a change landing in between is
         # then seen again at the next poll, never missed.
-        version = await asyncio.wait_for(self.store.budget_specs_version(), self.timeout_s)
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+        # cancellation that arrives with the reply, and stop() would then never return.
+        async with asyncio.timeout(self.timeout_s):
+            version = await self.store.budget_specs_version()
         if version == self.version:
             return False
-        docs = await asyncio.wait_for(self.store.budget_specs(), self.timeout_s)
+        async with asyncio.timeout(self.timeout_s):
+            docs = await self.store.budget_specs()
         self.gate.replace_specs(merge_specs(self.config_specs, docs))
         self.version = version
         self.reloads += 1

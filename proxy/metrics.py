@@ -256,7 +256,8 @@ class Metrics:
             self.store_errors.labels("budget").inc(delta)
         self._gate_errors_seen = gate.store_errors
         try:
-            statuses = await asyncio.wait_for(gate.status(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # not wait_for: see budget_specs.refresh
+                statuses = await gate.status()
         except Exception as exc:
             # Deliberately broad: a timeout or any store's own error (redis, sqlite)
             # must not fail the scrape, which also carries every other metric.

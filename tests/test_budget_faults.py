@@ -1,6 +1,7 @@
 """Budgets when Redis fails: killed and restarted under load (fail-open: every request
 served, every charge journaled and replayed exactly once), down under fail_closed (503
-in the provider's shape), and slow (paused) without stalling requests.
+in the provider's shape), and slow (paused) without stalling requests; and the wait
+that tells a slow store from a queue inside the proxy (``wait_for_store``).
 
 Each test runs its own ``redis-server`` (started by :mod:`tests.redis_servers`, stopped
 by PID), so killing or pausing it disturbs no other test. The kill test keeps Redis's
@@ -24,6 +25,7 @@ import openai
 import pytest
 import redis
 
+from proxy.budget_gate import wait_for_store
 from proxy.store import BudgetState, open_store
 from tests.conftest import KEY_A, KEY_B, ProxyFactory
 from tests.fake_upstream import FakeUpstream
@@ -262,3 +264,105 @@ async def test_a_paused_redis_does_not_stall_requests(
     assert all(status == want for _, status in during), during
     # The store timeout, the request's own time, and generous slack for a loaded machine.
     assert max(lat_ms) < timeout_ms + base_ms + 400, lat_ms
+
+
+# ──────────────── a slow store versus a queue in this process (wait_for_store) ────────────────
+# BudgetGate and the ledger write wait for the store with wait_for_store: give up once the
+# store has answered nothing for the timeout while this process was free to listen, but
+# keep waiting while it answers other calls or while the event loop is busy elsewhere.
+# A plain wait_for(call, 50 ms) had a burst of requests time out on their own queue and,
+# under fail_open, admit them unchecked past a hard cap.
+
+
+class _Answers:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
+async def test_a_store_that_keeps_answering_a_queue_is_waited_for() -> None:
+    answers, lock = _Answers(), asyncio.Lock()
+
+    async def call(i: int) -> int:
+        async with lock:  # one at a time, 10 ms each: the last waits about 300 ms
+            await asyncio.sleep(0.01)
+            answers.count += 1
+            return i
+
+    t0 = time.perf_counter()
+    results = await asyncio.gather(
+        *(wait_for_store(call(i), 0.05, answers=answers) for i in range(30))
+    )
+    assert results == list(range(30))
+    assert time.perf_counter() - t0 > 0.2  # well past the 50 ms timeout, and no timeout
+
+
+async def test_a_silent_store_times_out_after_about_the_timeout() -> None:
+    cancelled = asyncio.Event()
+
+    async def hangs() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    t0 = time.perf_counter()
+    with pytest.raises(TimeoutError):
+        await wait_for_store(hangs(), 0.05, answers=_Answers())
+    assert time.perf_counter() - t0 < 0.5
+    assert cancelled.is_set()  # the abandoned call does not linger
+
+
+async def test_time_the_event_loop_spends_elsewhere_is_not_the_stores() -> None:
+    loop = asyncio.get_running_loop()
+
+    def burn() -> None:  # a burst of request handling: 150 ms of CPU on the loop
+        end = time.perf_counter() + 0.15
+        while time.perf_counter() < end:
+            pass
+
+    async def answers_after_the_burst() -> str:
+        await asyncio.sleep(0.06)
+        return "ok"
+
+    loop.call_later(0.005, burn)
+    assert await wait_for_store(answers_after_the_burst(), 0.05, answers=_Answers()) == "ok"
+
+
+async def test_a_store_busy_with_others_is_given_up_on_at_the_max_wait() -> None:
+    answers = _Answers()
+
+    async def others() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            answers.count += 1
+
+    busy = asyncio.create_task(others())
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            await wait_for_store(asyncio.sleep(30), 0.05, answers=answers, max_wait_s=0.3)
+        assert 0.25 < time.perf_counter() - t0 < 1.0
+    finally:
+        busy.cancel()
+
+
+async def test_cancelling_the_caller_cancels_the_store_call() -> None:
+    cancelled = asyncio.Event()
+
+    async def hangs() -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    waiter = asyncio.create_task(wait_for_store(hangs(), 10, answers=_Answers()))
+    await asyncio.sleep(0.02)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert cancelled.is_set()
