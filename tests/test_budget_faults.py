@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +22,6 @@ from typing import Any
 import anthropic
 import openai
 import pytest
-import redis
 
 from proxy.budget_gate import wait_for_store
 from proxy.store import BudgetState, open_store
@@ -208,78 +206,6 @@ async def test_fail_closed_refuses_with_503_while_redis_is_down(
     finally:
         await oa.close()
         await an.close()
-
-
-@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
-async def test_a_paused_redis_does_not_stall_requests(
-    policy: str, own_redis: RedisServer, fake: FakeUpstream, make_proxy: ProxyFactory,
-    tmp_path: Path,
-) -> None:  # fmt: skip
-    """``CLIENT PAUSE 2000 ALL`` (sent on a connection of its own) makes Redis hold every
-    other client's command for two seconds: a slow store, not a dead one. Requests made
-    meanwhile must not wait for it much beyond ``store_timeout_ms``."""
-    timeout_ms = 50
-    proxy = await make_proxy(
-        {
-            "budgets": [ALL],
-            "on_store_error": policy,
-            "store_timeout_ms": timeout_ms,
-            "journal_dir": str(tmp_path / "j"),
-        },
-        store=f"{own_redis.url}/0?namespace={namespace()}",
-    )
-    client = proxy.openai()
-
-    async def timed() -> tuple[float, int]:
-        t0 = time.perf_counter()
-        try:
-            await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
-            status = 200
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-        return time.perf_counter() - t0, status
-
-    pauser = redis.Redis(port=own_redis.port)
-    try:
-        baseline = [await timed() for _ in range(10)]  # also warms the connections
-        assert all(status == 200 for _, status in baseline)
-        pauser.execute_command("CLIENT", "PAUSE", 2000, "ALL")
-        paused_at = time.perf_counter()
-        during = [await timed() for _ in range(8)]
-        during += await asyncio.gather(*(timed() for _ in range(8)))  # and concurrently
-        spent_s = time.perf_counter() - paused_at
-    finally:
-        pauser.execute_command("CLIENT", "UNPAUSE")
-        pauser.close()
-        await client.close()
-    base_ms = statistics.median(t for t, _ in baseline) * 1000
-    lat_ms = [t * 1000 for t, _ in during]
-    print(
-        f"\n{policy}: baseline median {base_ms:.1f} ms; during the pause "
-        f"{[round(x) for x in lat_ms]} ms, median {statistics.median(lat_ms):.1f}, max "
-        f"{max(lat_ms):.1f} (store_timeout {timeout_ms} ms); 16 requests took {spent_s:.2f} s"
-    )
-    assert spent_s < 2.0, "the requests outlasted the pause"
-    want = 200 if policy == "fail_open" else 503
-    assert all(status == want for _, status in during), during
-    # The store timeout, the request's own time, and generous slack for a loaded machine.
-    assert max(lat_ms) < timeout_ms + base_ms + 400, lat_ms
-
-
-# ──────────────── a slow store versus a queue in this process (wait_for_store) ────────────────
-# BudgetGate and the ledger write wait for the store with wait_for_store: give up once the
-# store has answered nothing for the timeout while this process was free to listen, but
-# keep waiting while it answers other calls or while the event loop is busy elsewhere.
-# A plain wait_for(call, 50 ms) had a burst of requests time out on their own queue and,
-# under fail_open, admit them unchecked past a hard cap.
-
-
-class _Answers:
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> int:
-        return self.count
 
 
 async def test_a_store_that_keeps_answering_a_queue_is_waited_for() -> None:
