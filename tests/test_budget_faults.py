@@ -208,6 +208,14 @@ async def test_fail_closed_refuses_with_503_while_redis_is_down(
         await an.close()
 
 
+class _Answers:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> int:
+        return self.count
+
+
 async def test_a_store_that_keeps_answering_a_queue_is_waited_for() -> None:
     answers, lock = _Answers(), asyncio.Lock()
 
