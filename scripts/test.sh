@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || missing+=(prometheus)
+{ command -v prometheus-alertmanager && command -v amtool; } >/dev/null 2>&1 \
+  || missing+=(prometheus-alertmanager)  # tests/test_alertmanager.py
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)  # tests/test_compose.py
+[ -x /usr/bin/chromium ] || missing+=(chromium)  # tests/test_ui.py (headless, via playwright)
 if ((${#missing[@]})); then
   sudo=""
   [ "$(id -u)" = 0 ] || sudo="sudo"

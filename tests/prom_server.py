@@ -1,10 +1,12 @@
-"""A real Prometheus (Debian package ``prometheus``) on a loopback port, for tests.
+"""A real Prometheus (Debian package ``prometheus``) and a real Alertmanager (Debian
+package ``prometheus-alertmanager``) on loopback ports, for tests.
 
 :func:`start_prometheus` writes a temporary config that scrapes the given targets
-every second and loads the given rule files (evaluated every second), starts
-``prometheus`` with its TSDB in a temp directory, and waits until it is ready.
-:meth:`PromServer.stop` ends that one process, by its PID. A missing binary is an
-error, never a skip: install the Debian package ``prometheus``.
+every second and loads the given rule files (evaluated every second), optionally sends
+alerts to given Alertmanagers, starts ``prometheus`` with its TSDB in a temp directory,
+and waits until it is ready. :func:`start_alertmanager` does the same for an
+Alertmanager config (clustering off). ``stop()`` ends that one process, by its PID. A
+missing binary is an error, never a skip: install the Debian packages.
 
 The API helpers are async (aiohttp): the proxy under test runs on the test's own event
 loop, so a blocking HTTP call here would stall the very scrapes being waited for.
@@ -29,7 +31,12 @@ import yaml
 
 PROMETHEUS = "prometheus"
 PROMTOOL = "promtool"
-INSTALL_HINT = "Install the Debian package `prometheus` (apt-get install -y prometheus)."
+ALERTMANAGER = "prometheus-alertmanager"  # Debian's name; upstream calls it `alertmanager`
+AMTOOL = "amtool"
+INSTALL_HINT = (
+    "Install the Debian packages `prometheus` and `prometheus-alertmanager` "
+    "(apt-get install -y prometheus prometheus-alertmanager)."
+)
 
 
 def binary(name: str) -> str:
@@ -87,13 +94,39 @@ class PromServer:
 
     def stop(self) -> None:
         """Stop this Prometheus (SIGTERM, then SIGKILL), by its PID."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop one process we started (SIGTERM, then SIGKILL), by its PID."""
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+async def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, what: str) -> None:
+    """Poll ``url``/-/ready until it answers 200 (at most 20 s); on failure, stop
+    ``proc`` and raise with the tail of its ``log``."""
+    deadline = time.monotonic() + 20
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
+        while True:
+            if proc.poll() is not None:
+                text = await asyncio.to_thread(log.read_text)
+                raise RuntimeError(f"{what} exited with {proc.returncode}: {text[-2000:]}")
             try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=5)
+                async with session.get(url + "/-/ready") as resp:
+                    if resp.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"{what} did not become ready within 20 s")
+            await asyncio.sleep(0.1)
 
 
 async def start_prometheus(
@@ -103,29 +136,21 @@ async def start_prometheus(
     rule_files: Sequence[Path] = (),
     job: str = "metergate",
     interval_s: int = 1,
+    alertmanagers: Sequence[str] = (),
 ) -> PromServer:
     """Start Prometheus scraping ``targets`` (``host:port``) as job ``job`` and wait
-    until it is ready (at most 20 s)."""
+    until it is ready (at most 20 s). Alerts go to ``alertmanagers`` (``host:port``)."""
     server = await asyncio.to_thread(
-        launch_prometheus, workdir, targets, rule_files=rule_files, job=job, interval_s=interval_s
+        launch_prometheus,
+        workdir,
+        targets,
+        rule_files=rule_files,
+        job=job,
+        interval_s=interval_s,
+        alertmanagers=alertmanagers,
     )
-    proc = server.proc
-    deadline = time.monotonic() + 20
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as session:
-        while True:
-            if proc.poll() is not None:
-                log = await asyncio.to_thread((workdir / "prometheus.log").read_text)
-                raise RuntimeError(f"prometheus exited with {proc.returncode}: {log[-2000:]}")
-            try:
-                async with session.get(server.url + "/-/ready") as resp:
-                    if resp.status == 200:
-                        return server
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            if time.monotonic() > deadline:
-                server.stop()
-                raise RuntimeError("prometheus did not become ready within 20 s")
-            await asyncio.sleep(0.1)
+    await _wait_ready(server.url, server.proc, workdir / "prometheus.log", "prometheus")
+    return server
 
 
 def launch_prometheus(
@@ -135,6 +160,7 @@ def launch_prometheus(
     rule_files: Sequence[Path] = (),
     job: str = "metergate",
     interval_s: int = 1,
+    alertmanagers: Sequence[str] = (),
 ) -> PromServer:
     """Write the config and start the process (without waiting for it to be ready)."""
     exe = binary(PROMETHEUS)
@@ -150,6 +176,10 @@ def launch_prometheus(
             }
         ],
     }
+    if alertmanagers:
+        config["alerting"] = {
+            "alertmanagers": [{"static_configs": [{"targets": list(alertmanagers)}]}]
+        }
     config_path = workdir / "prometheus.yml"
     config_path.write_text(yaml.safe_dump(config))
     port = free_port()
@@ -167,3 +197,52 @@ def launch_prometheus(
             stderr=subprocess.STDOUT,
         )
     return PromServer(f"http://127.0.0.1:{port}", proc, workdir)
+
+
+@dataclass
+class AlertmanagerServer:
+    """A running Alertmanager; ``url`` is its HTTP root, ``address`` its ``host:port``
+    (what a Prometheus ``alertmanagers`` target wants)."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    workdir: Path
+
+    @property
+    def address(self) -> str:
+        return self.url.removeprefix("http://")
+
+    def stop(self) -> None:
+        """Stop this Alertmanager (SIGTERM, then SIGKILL), by its PID."""
+        _stop(self.proc)
+
+
+async def start_alertmanager(workdir: Path, config: dict[str, Any]) -> AlertmanagerServer:
+    """Start Alertmanager with ``config`` (written to ``workdir``) on a loopback port,
+    clustering off, and wait until it is ready (at most 20 s)."""
+    server = await asyncio.to_thread(launch_alertmanager, workdir, config)
+    await _wait_ready(server.url, server.proc, workdir / "alertmanager.log", "alertmanager")
+    return server
+
+
+def launch_alertmanager(workdir: Path, config: dict[str, Any]) -> AlertmanagerServer:
+    """Write the config and start the process (without waiting for it to be ready)."""
+    exe = binary(ALERTMANAGER)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config_path = workdir / "alertmanager.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    port = free_port()
+    with (workdir / "alertmanager.log").open("wb") as log:  # the child keeps its own copy
+        proc = subprocess.Popen(
+            [
+                exe,
+                f"--config.file={config_path}",
+                f"--storage.path={workdir / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+                "--cluster.listen-address=",  # no gossip port on 0.0.0.0:9094
+                "--log.level=warn",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return AlertmanagerServer(f"http://127.0.0.1:{port}", proc, workdir)
