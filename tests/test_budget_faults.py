@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,6 +215,70 @@ class _Answers:
 
     def __call__(self) -> int:
         return self.count
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "fail_closed"])
+async def test_a_paused_redis_does_not_stall_requests(
+    policy: str, own_redis: RedisServer, fake: FakeUpstream, make_proxy: ProxyFactory,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """``CLIENT PAUSE`` (sent on a connection of its own) makes Redis hold every
+    client's command: a slow store, not a dead one. Requests made meanwhile are answered
+    (200 under fail_open, 503 under fail_closed) while Redis is *still* paused, so none of
+    them waited for the store to come back. No latency is asserted (bench/ measures
+    speed); the pause simply outlasts the requests by far. After the pause the journaled
+    charges of fail_open reach Redis, and the proxy shuts down cleanly."""
+    proxy = await make_proxy(
+        {
+            "budgets": [ALL],
+            "on_store_error": policy,
+            "store_timeout_ms": 50,
+            "journal_dir": str(tmp_path / "j"),
+        },
+        store=f"{own_redis.url}/0?namespace={namespace()}",
+    )
+    client = proxy.openai()
+
+    async def call() -> int:
+        try:
+            await client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+            return 200
+        except openai.APIStatusError as exc:
+            return exc.status_code
+
+    # A raw connection of its own: a redis-py client may open a fresh connection for
+    # UNPAUSE, whose handshake the pause would hold. Redis 7 holds UNPAUSE itself too,
+    # so the pause is short and the UNPAUSE at the end returns when it is over.
+    pauser = socket.create_connection(("127.0.0.1", own_redis.port), timeout=30)
+    try:
+        assert [await call() for _ in range(5)] == [200] * 5  # also warms the connections
+        _redis_inline(pauser, "CLIENT PAUSE 10000 ALL")
+        # A wait for the store fails here, before the pause ends: every answer below
+        # is given while Redis is still paused (they take about a second).
+        async with asyncio.timeout(8):
+            during = [await call() for _ in range(8)]
+            during += await asyncio.gather(*(call() for _ in range(8)))
+    finally:
+        _redis_inline(pauser, "CLIENT UNPAUSE")
+        pauser.close()
+        await client.close()
+    want = 200 if policy == "fail_open" else 503
+    assert during == [want] * 16
+    if policy == "fail_open":
+        # Every charge, the 16 journaled ones included, reaches Redis once it answers.
+        await fake.wait_idle()
+        expected = sum(independent_cost(r) for r in fake.records)
+
+        async def replayed() -> bool:
+            return await proxy.store.budget_state("all:total") == BudgetState(expected, 0)
+
+        await wait_until(replayed, 20, "the journaled charges to be replayed")
+
+
+def _redis_inline(conn: socket.socket, command: str) -> None:
+    """Send one inline command and require its ``+OK``."""
+    conn.sendall(command.encode() + b"\r\n")
+    assert conn.recv(64).startswith(b"+OK"), command
 
 
 async def test_a_store_that_keeps_answering_a_queue_is_waited_for() -> None:
