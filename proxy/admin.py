@@ -12,6 +12,12 @@
     POST   /admin/budgets/{name}/reset    {"before": view, "after": view}
     POST   /admin/budgets/{name}/revert   {"name", "message"}
 
+Also registered from here: ``/admin/spend`` and ``/admin/ledger`` (proxy.admin_spend),
+``/admin/keys`` (proxy.admin_keys), ``/admin/openapi.json`` (proxy.admin_openapi,
+describing all of them) and the ``/ui`` page (proxy.ui). Credentials are checked by
+proxy.admin_auth; ``GET /admin/budgets`` and ``GET /admin/spend`` also take the /ui
+session cookie.
+
 The API is off (404 on every ``/admin/`` path) unless the config sets ``admin_token``;
 each request must then carry ``Authorization: Bearer <admin_token>``, else 401. Errors
 are ``{"error": {"message", "code"}}``. Changes go to the store, so every replica
@@ -23,13 +29,15 @@ Register the routes before the proxy's catch-all ``/{upstream}/{path}`` route.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 from aiohttp import web
 
+from proxy.admin_auth import AdminAuth, Handler, error_response, ok_response
+from proxy.admin_keys import KeyRoutes, setup_admin_keys
+from proxy.admin_openapi import setup_openapi
+from proxy.admin_spend import setup_admin_spend
 from proxy.budget import BudgetSpec
 from proxy.budget_gate import BudgetGate
 from proxy.budget_ops import (
@@ -44,23 +52,13 @@ from proxy.budget_ops import (
 )
 from proxy.errors import StoreUnavailable
 from proxy.store.base import Store
+from proxy.ui import setup_ui
 
 __all__ = ["setup_admin"]
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _error(status: int, code: str, message: str, **headers: str) -> web.Response:
-    return web.json_response(
-        {"error": {"message": message, "code": code}},
-        status=status,
-        headers=headers or None,
-        dumps=lambda v: orjson.dumps(v).decode(),
-    )
-
-
-def _ok(body: Any, status: int = 200) -> web.Response:
-    return web.json_response(body, status=status, dumps=lambda v: orjson.dumps(v).decode())
+# The shared helpers live in proxy.admin_auth; these names are kept for older imports.
+_error = error_response
+_ok = ok_response
 
 
 class _Admin:
@@ -68,35 +66,26 @@ class _Admin:
 
     def __init__(
         self,
-        token: str,
+        auth: AdminAuth,
         get_gate: Callable[[], BudgetGate | None],
         get_store: Callable[[], Store | None],
         config_specs: tuple[BudgetSpec, ...],
     ) -> None:
-        self._token = token.encode()
+        self._auth = auth
         self._get_gate = get_gate
         self._get_store = get_store
         self._config_specs = config_specs
 
-    def _authorized(self, request: web.Request) -> bool:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        # Constant time, so the token cannot be guessed byte by byte from timings.
-        return hmac.compare_digest(given.strip().encode(), self._token)
-
-    def guarded(self, handler: Callable[[web.Request, Store], Awaitable[web.Response]]) -> Handler:
-        """``handler`` behind the token check, with the store and errors handled."""
+    def guarded(
+        self,
+        handler: Callable[[web.Request, Store], Awaitable[web.Response]],
+        *,
+        read_only: bool = False,
+    ) -> Handler:
+        """``handler`` behind the credential check (see :mod:`proxy.admin_auth`;
+        ``read_only`` also accepts the /ui session), with the store and errors handled."""
 
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            if not self._authorized(request):
-                return _error(
-                    401,
-                    "unauthorized",
-                    "The admin API needs the header 'Authorization: Bearer <admin_token>' "
-                    "with the admin_token from the proxy's config.",
-                    **{"WWW-Authenticate": 'Bearer realm="metergate-admin"'},
-                )
             store = self._get_store()
             if store is None:
                 return _error(
@@ -109,7 +98,7 @@ class _Admin:
             except StoreUnavailable as exc:
                 return _error(503, "store_unavailable", exc.message)
 
-        return wrapped
+        return self._auth.guard(wrapped, read_only=read_only)
 
     async def _apply_here(self, store: Store) -> None:
         """Give this replica's gate the change now, rather than at its next poll."""
@@ -186,26 +175,33 @@ def setup_admin(
     get_gate: Callable[[], BudgetGate | None],
     get_store: Callable[[], Store | None],
     config_specs: tuple[BudgetSpec, ...],
+    keys: KeyRoutes | None = None,
 ) -> None:
     """Register the admin routes on ``app`` (before the proxy's catch-all route).
 
     ``token`` None turns the API off (404). ``get_gate`` and ``get_store`` return the
     running app's gate and store, or None while it starts or stops; ``config_specs``
-    are the config's budgets (the base that run-time changes apply to).
+    are the config's budgets (the base that run-time changes apply to). ``keys``
+    adds ``/admin/keys`` (:mod:`proxy.admin_keys`).
     """
     router = app.router
     if token is None:
         router.add_route("*", "/admin", _off)
         router.add_route("*", "/admin/{tail:.*}", _off)
+        setup_ui(app, None)
         return
-    if not token:
-        raise ValueError("The admin token must not be empty; leave it unset to turn the API off.")
-    admin = _Admin(token, get_gate, get_store, config_specs)
-    router.add_get("/admin/budgets", admin.guarded(admin.list_all))
+    auth = AdminAuth(token)
+    admin = _Admin(auth, get_gate, get_store, config_specs)
+    router.add_get("/admin/budgets", admin.guarded(admin.list_all, read_only=True))
     router.add_get("/admin/budgets/{name}", admin.guarded(admin.show))
     router.add_put("/admin/budgets/{name}", admin.guarded(admin.put))
     router.add_delete("/admin/budgets/{name}", admin.guarded(admin.delete))
     router.add_post("/admin/budgets/{name}/reset", admin.guarded(admin.reset))
     router.add_post("/admin/budgets/{name}/revert", admin.guarded(admin.revert))
+    setup_admin_spend(router, admin.guarded)  # /admin/spend, /admin/ledger
+    if keys is not None:
+        setup_admin_keys(router, admin.guarded, keys)  # /admin/keys
+    setup_openapi(router, auth)  # /admin/openapi.json
+    setup_ui(app, auth)  # /ui
     router.add_route("*", "/admin", admin.guarded(admin.unknown))
     router.add_route("*", "/admin/{tail:.*}", admin.guarded(admin.unknown))

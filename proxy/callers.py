@@ -7,7 +7,9 @@ With ``passthrough_keys`` on, an unknown key is taken for the caller's own provi
 it is forwarded, and the caller is known only by a hash of it.
 
 Keys are looked up by their SHA-256 digest, never compared as strings, so the lookup
-time does not depend on how much of a guessed key is right.
+time does not depend on how much of a guessed key is right. Keys issued at run time
+(``metergate keys create``) are looked up the same way, by an HMAC under the server's
+secret, in each replica's copy of the store's key table (:mod:`proxy.key_watcher`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from proxy.errors import BadRequest, Unauthorized
 from proxy.settings import KeySettings
@@ -57,15 +60,51 @@ def presented_key(headers: Mapping[str, str]) -> str | None:
     return bearer or api_key
 
 
-class KeyRing:
-    """Maps presented keys to callers."""
+class IssuedKeyLookup(Protocol):
+    """Keys issued at run time (implemented by :class:`proxy.key_watcher.IssuedKeys`)."""
 
-    def __init__(self, keys: Iterable[KeySettings], *, passthrough: bool) -> None:
+    def lookup(self, key: str) -> Caller | None:
+        """The caller, None when unknown; raises Unauthorized for an ended key."""
+
+    async def refresh_on_miss(self) -> bool:
+        """Check the store for new keys (rate-limited); True when the table changed."""
+
+
+class KeyRing:
+    """Maps presented keys to callers: config keys first, then issued keys."""
+
+    def __init__(
+        self,
+        keys: Iterable[KeySettings],
+        *,
+        passthrough: bool,
+        issued: IssuedKeyLookup | None = None,
+    ) -> None:
         self._by_digest: dict[bytes, Caller] = {
             key_digest(k.key): Caller(key_name=k.name, team=k.team, user=k.user, tags=k.tags)
             for k in keys
         }
         self.passthrough = passthrough
+        self.issued = issued
+
+    async def resolve(self, headers: Mapping[str, str]) -> tuple[Caller, str | None]:
+        """:meth:`identify`, but an unknown ``mg-`` key first makes the issued-key table
+        check the store (once, shared and rate-limited), so that a key created a moment
+        ago on another replica or by the CLI works at once."""
+        try:
+            return self.identify(headers)
+        except Unauthorized as exc:
+            key = presented_key(headers)
+            if (
+                exc.code != Unauthorized.default_code
+                or self.issued is None
+                or key is None
+                or not key.startswith("mg-")
+            ):
+                raise
+            await self.issued.refresh_on_miss()
+        # Looked up again whatever the check found: the poller may have loaded it meanwhile.
+        return self.identify(headers)
 
     def identify(self, headers: Mapping[str, str]) -> tuple[Caller, str | None]:
         """The caller, and the key to send upstream (None: use the upstream's own key).
@@ -83,6 +122,10 @@ class KeyRing:
         caller = self._by_digest.get(digest)
         if caller is not None:
             return caller, None
+        if self.issued is not None and key.startswith("mg-"):
+            caller = self.issued.lookup(key)
+            if caller is not None:
+                return caller, None
         if self.passthrough and not key.startswith("mg-"):
             return Caller(key_name="passthrough:" + digest.hex()[:12], passthrough=True), key
         raise Unauthorized(

@@ -25,6 +25,7 @@ from proxy.errors import BudgetExceeded, RateLimited, StoreUnavailable
 from proxy.journal import Journal
 from proxy.ledger import LedgerRecord
 from proxy.store import BudgetState, RateItem, ReserveItem, ReserveResult, Store
+from proxy.store.base import AlertEntry
 from tests.redis_servers import (  # the fixtures are used by name
     redis_cluster,  # noqa: F401
     redis_server,  # noqa: F401
@@ -115,6 +116,25 @@ class FlakyStore(Store):
 
     async def reset_budget(self, key: str) -> None:
         await self.inner.reset_budget(key)
+
+    async def enqueue_alert(
+        self, dedup_key: str, payloads: Mapping[str, str], dedup_ttl_s: float | None
+    ) -> bool:
+        await self._gate()
+        return await self.inner.enqueue_alert(dedup_key, payloads, dedup_ttl_s)
+
+    async def alert_marked(self, dedup_key: str) -> bool:
+        return await self.inner.alert_marked(dedup_key)
+
+    async def lease_alerts(self, limit: int, lease_s: float) -> list[AlertEntry]:
+        await self._gate()
+        return await self.inner.lease_alerts(limit, lease_s)
+
+    async def ack_alert(self, entry_id: str) -> bool:
+        return await self.inner.ack_alert(entry_id)
+
+    async def retry_alert(self, entry_id: str, delay_s: float) -> bool:
+        return await self.inner.retry_alert(entry_id, delay_s)
 
     async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
         await self._gate()

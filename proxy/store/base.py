@@ -39,6 +39,19 @@ name, in the shape of a config ``budgets:`` entry, plus a *version* that every w
 bumps. Replicas poll the version (one cheap read) and reload the documents only when it
 changed; see :class:`proxy.budget_specs.SpecWatcher`. The store does not interpret the
 documents; :func:`proxy.budget_specs.merge_specs` validates them.
+
+Budget alerts: a deduplicated outbox
+------------------------------------
+Alerts (:mod:`proxy.alerts`) fire once per budget, threshold and period however many
+replicas notice the crossing. :meth:`Store.enqueue_alert` writes a *dedup marker* and
+one outbox entry per channel in one atomic step, and only when the marker is absent;
+the marker lives until the period ends (plus a margin), so a replica that restarts
+does not fire again. Delivery workers (:mod:`proxy.alert_delivery`) take due entries
+with :meth:`Store.lease_alerts`, which pushes each entry's due time forward by the
+lease: one replica works on an entry at a time, and the entry of a replica that died
+mid-delivery becomes due again when its lease runs out. A delivered entry is removed
+(:meth:`Store.ack_alert`); a failed one is rescheduled (:meth:`Store.retry_alert`).
+Due times are store time (Redis ``TIME``), in milliseconds.
 """
 
 from __future__ import annotations
@@ -56,6 +69,7 @@ from proxy.store.aggregate import GROUP_COLUMNS, ReportRow, aggregate
 
 __all__ = [
     "DEFAULT_SETTLED_RETENTION_S",
+    "AlertEntry",
     "GROUP_COLUMNS",
     "MAX_NANOS",
     "BudgetState",
@@ -64,9 +78,11 @@ __all__ = [
     "ReserveItem",
     "ReserveResult",
     "Store",
+    "alert_entry_id",
     "decode_spec_docs",
     "encode_spec_doc",
     "validate_reserve",
+    "validate_enqueue_alert",
     "validate_settle",
 ]
 
@@ -234,6 +250,39 @@ def decode_spec_docs(rows: Iterable[tuple[str | bytes, str | bytes]]) -> dict[st
     return docs
 
 
+class AlertEntry(NamedTuple):
+    """One outbox entry handed out by :meth:`Store.lease_alerts`.
+
+    ``attempts`` counts the leases of this entry so far, this one included (1 on the
+    first try); ``created_ms`` is the store time of the enqueue, for giving up."""
+
+    id: str
+    payload: str
+    attempts: int
+    created_ms: int
+
+
+def alert_entry_id(dedup_key: str, channel: str) -> str:
+    """The outbox id of one alert on one channel: stable, so receivers can use it to
+    drop a duplicate delivery."""
+    return f"{dedup_key}@{channel}"
+
+
+def validate_enqueue_alert(
+    dedup_key: str, payloads: Mapping[str, str], dedup_ttl_s: float | None
+) -> None:
+    """Refuse malformed enqueue arguments the same way on every backend."""
+    if not dedup_key:
+        raise ValueError("An alert needs a non-empty dedup key.")
+    if not payloads:
+        raise ValueError("An alert needs at least one channel payload.")
+    for channel, payload in payloads.items():
+        if not channel or not isinstance(payload, str):
+            raise ValueError("Alert payloads must map non-empty channel names to JSON text.")
+    if dedup_ttl_s is not None and not dedup_ttl_s > 0:
+        raise ValueError(f"An alert's dedup_ttl_s must be positive or None, not {dedup_ttl_s}.")
+
+
 class Store(ABC):
     """A storage backend. All methods are safe to call concurrently from one event loop."""
 
@@ -354,3 +403,71 @@ class Store(ABC):
         """The count of changes: 0 for a store that never had a spec, +1 on every put
         and on every delete that removed something. Compare it for inequality, not
         order: a Redis restarted without persistence starts again at 0."""
+
+    # -- budget alerts: dedup marker and outbox (see the module docstring) -------------
+
+    @abstractmethod
+    async def enqueue_alert(
+        self, dedup_key: str, payloads: Mapping[str, str], dedup_ttl_s: float | None
+    ) -> bool:
+        """Atomically: when no marker ``dedup_key`` exists, write it (kept for
+        ``dedup_ttl_s`` seconds, forever when None) and one outbox entry per channel,
+        id :func:`alert_entry_id`, due now, with ``payloads[channel]`` as its payload;
+        return True. When the marker exists, change nothing and return False."""
+
+    @abstractmethod
+    async def alert_marked(self, dedup_key: str) -> bool:
+        """True when the marker ``dedup_key`` exists: a cheap check before building an
+        alert that another replica has already enqueued."""
+
+    @abstractmethod
+    async def lease_alerts(self, limit: int, lease_s: float) -> list[AlertEntry]:
+        """Up to ``limit`` entries due now (oldest due first); each one's due time moves
+        ``lease_s`` seconds ahead and its attempts count goes up by one, in one atomic
+        step, so no other caller gets it until the lease runs out."""
+
+    @abstractmethod
+    async def ack_alert(self, entry_id: str) -> bool:
+        """Remove a delivered (or abandoned) entry; False when it was not there."""
+
+    @abstractmethod
+    async def retry_alert(self, entry_id: str, delay_s: float) -> bool:
+        """Make an entry due again ``delay_s`` seconds from now; False (changing
+        nothing) when it is not there any more."""
+
+    # -- issued Metergate keys (see proxy.store.keys_common) ---------------------------
+    # Not abstract: a backend registered from outside (register_store) that predates
+    # issued keys keeps working with config keys, and simply holds no issued keys.
+
+    async def create_api_key(self, key_id: str, doc: Mapping[str, Any]) -> bool:
+        """Store a new key's document at revision 1 and claim its ``name`` among active
+        keys, atomically. Returns False, writing nothing, when an active key holds the
+        name; raises ValueError when ``key_id`` is already stored. Bumps
+        :meth:`api_keys_version`."""
+        raise NotImplementedError(
+            f"The {type(self).__name__} store cannot keep issued keys; use sqlite:// or "
+            "redis:// to issue keys at run time."
+        )
+
+    async def update_api_key(
+        self, key_id: str, doc: Mapping[str, Any], *, rev: int, active: bool
+    ) -> bool:
+        """Replace the document of ``key_id`` when its revision is still ``rev``
+        (compare-and-set), making it ``rev + 1``; ``active`` False releases its name
+        for a new key (a released name is never claimed back). Returns False, writing
+        nothing, when the id is unknown or its revision moved. The name must not
+        change. Bumps :meth:`api_keys_version`."""
+        raise NotImplementedError(
+            f"The {type(self).__name__} store cannot keep issued keys; use sqlite:// or "
+            "redis:// to issue keys at run time."
+        )
+
+    async def api_keys(self) -> dict[str, dict[str, Any]]:
+        """Every stored key document by id, each with its revision as ``rev`` (see
+        :func:`proxy.store.keys_common.decode_key_docs`)."""
+        return {}
+
+    async def api_keys_version(self) -> int:
+        """The count of key changes (0 for a store that never had one); compare it for
+        inequality, not order, as :meth:`budget_specs_version`."""
+        return 0

@@ -28,6 +28,8 @@ from proxy.store.base import (
     validate_settle,
 )
 from proxy.store.budget_engine import Held
+from proxy.store.memory_alerts import MemoryAlertMethods, MemoryOutbox
+from proxy.store.memory_keys import MemoryKeyMethods, MemoryKeyTable
 
 __all__ = ["MemoryStore"]
 
@@ -103,7 +105,7 @@ class _MemoryBudgets:
         self.tats[key] = tat_us
 
 
-class MemoryStore(Store):
+class MemoryStore(MemoryKeyMethods, MemoryAlertMethods, Store):
     """Keeps the ledger in a dict keyed by request id.
 
     Every method runs without awaiting anything, so each call is atomic with respect
@@ -115,6 +117,8 @@ class MemoryStore(Store):
         self._budgets = _MemoryBudgets()
         self._specs: dict[str, str] = {}  # name -> JSON text, as the other backends keep it
         self._specs_version = 0
+        self._alerts = MemoryOutbox()  # budget alerts: see proxy.store.memory_alerts
+        self._keys = MemoryKeyTable()  # issued keys: see proxy.store.memory_keys
         self._open = False
 
     @classmethod

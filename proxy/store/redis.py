@@ -69,6 +69,8 @@ from proxy.store.base import (
     validate_settle,
 )
 from proxy.store.budget_engine import SWEEP_LIMIT
+from proxy.store.redis_alerts import RedisAlertMethods
+from proxy.store.redis_keys import RedisKeyMethods
 from proxy.store.redis_scripts import LuaScript
 from proxy.store.redis_specs import RedisSpecMethods
 
@@ -93,9 +95,11 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisStore(RedisSpecMethods):
-    """Ledger, budgets and run-time budget specs (:mod:`proxy.store.redis_specs`) in
-    Redis or Redis Cluster (see the module docstring)."""
+class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
+    """Ledger, budgets, run-time budget specs (:mod:`proxy.store.redis_specs`), the
+    alert outbox (:mod:`proxy.store.redis_alerts`) and issued keys
+    (:mod:`proxy.store.redis_keys`) in Redis or Redis Cluster (see the module
+    docstring)."""
 
     def __init__(
         self,

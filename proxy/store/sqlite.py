@@ -42,7 +42,9 @@ import orjson
 from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import NONE_LABEL, ReportRow, report_sort_key, validate_group_by
+from proxy.store.sqlite_alerts import ALERTS_DDL, SqliteAlertMethods
 from proxy.store.sqlite_budget import BUDGET_DDL, SPECS_DDL, SqliteBudgetMethods
+from proxy.store.sqlite_keys import KEYS_DDL, SqliteKeyMethods
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
 
@@ -87,6 +89,8 @@ _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     (_LEDGER_DDL, "CREATE INDEX ledger_ts_ms ON ledger (ts_ms)"),
     BUDGET_DDL,
     SPECS_DDL,
+    ALERTS_DDL,
+    KEYS_DDL,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code writes; a database with a higher one is refused."""
@@ -177,7 +181,7 @@ def _range_clause(since_ms: int | None, until_ms: int | None) -> tuple[str, list
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
 
 
-class SqliteStore(SqliteBudgetMethods):
+class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
     """The ledger and the budgets in one SQLite file (see the module docstring)."""
 
     def __init__(self, path: str | PathLike[str], *, synchronous: str = "normal") -> None:
