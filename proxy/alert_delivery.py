@@ -35,7 +35,6 @@ compares in constant time, and refuses timestamps more than a few minutes old
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -48,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Final
 import aiohttp
 import orjson
 
-from proxy.errors import StoreUnavailable
+from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
 from proxy.store.base import AlertEntry, Store
 
 if TYPE_CHECKING:
@@ -202,27 +201,23 @@ class AlertWorker:
         self.failed_attempts = 0
         self.dropped = 0
         self._session: aiohttp.ClientSession | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._failing = False
+        self._task = BackgroundTask("alert worker")
+        self._outage = OutageLog(log, "alert outbox")
 
     async def start(self) -> None:
         """Open the worker's own HTTP session and start polling the outbox."""
-        if self._task is not None:
+        if self._task.running:
             raise RuntimeError("The alert worker is already running.")
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.delivery.timeout_s),
             # Alerts must not share, or wait behind, the upstream connection pool.
             connector=aiohttp.TCPConnector(limit=32),
         )
-        self._task = asyncio.create_task(self.run(), name="metergate-alert-worker")
+        self._task.start(self.run())
 
     async def stop(self) -> None:
         """Stop polling, abandon POSTs in flight (their leases expire), close the session."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -232,13 +227,11 @@ class AlertWorker:
         while True:
             try:
                 busy = await self.run_once()
-            except (StoreUnavailable, TimeoutError, OSError) as exc:
-                if not self._failing:
-                    log.warning("alert outbox unreadable (store unavailable): %s", exc)
-                self._failing = True
+            except STORE_ERRORS as exc:
+                self._outage.failed("unreadable (store unavailable)", exc)
                 busy = 0
             else:
-                self._failing = False
+                self._outage.recovered()
             if busy < self.delivery.batch:
                 await asyncio.sleep(self.delivery.poll_interval_s)
 

@@ -29,7 +29,6 @@ no store call on later checks. Delivery is :class:`proxy.alert_delivery.AlertWor
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
@@ -45,8 +44,8 @@ import orjson
 
 from proxy.alert_config import AlertSettings, percent_text
 from proxy.alert_delivery import AlertWorker
+from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
 from proxy.budget import BudgetSpec, BudgetStatus, PeriodWindow
-from proxy.errors import StoreUnavailable
 from proxy.report import nanos_to_usd_str
 from proxy.store.aggregate import NONE_LABEL
 from proxy.store.base import Store
@@ -244,8 +243,8 @@ class AlertEvaluator:
         self.enqueued = 0  # alerts this replica put in the outbox (tests, debugging)
         self._samples: dict[str, deque[Sample]] = {}  # budget key -> samples
         self._seen: dict[str, set[str]] = {}  # budget key -> dedup keys known to be done
-        self._failing = False
-        self._task: asyncio.Task[None] | None = None
+        self._outage = OutageLog(log, "budget alerts")
+        self._task = BackgroundTask("alert evaluator")
 
     async def check(self) -> list[str]:
         """Evaluate every capped budget once; returns the dedup keys this call enqueued.
@@ -310,7 +309,7 @@ class AlertEvaluator:
                 contributors = await top_contributors(
                     self.store, status.spec, status.window, self.settings.top_contributors
                 )
-        except (StoreUnavailable, TimeoutError, OSError) as exc:
+        except STORE_ERRORS as exc:
             # An alert without its contributors beats no alert.
             log.warning("top contributors of %s unavailable: %s", status.spec.name, exc)
             contributors = []
@@ -342,27 +341,19 @@ class AlertEvaluator:
         while True:
             try:
                 await self.check()
-            except (StoreUnavailable, TimeoutError, OSError) as exc:
-                if not self._failing:
-                    log.warning("budget alerts not evaluated (store unavailable): %s", exc)
-                self._failing = True
+            except STORE_ERRORS as exc:
+                self._outage.failed("not evaluated (store unavailable)", exc)
             else:
-                self._failing = False
+                self._outage.recovered()
             await asyncio.sleep(self.settings.check_interval_s)
 
     def start(self) -> None:
         """Run :meth:`run` in a background task."""
-        if self._task is not None:
-            raise RuntimeError("The alert evaluator is already running.")
-        self._task = asyncio.create_task(self.run(), name="metergate-alert-evaluator")
+        self._task.start(self.run())
 
     async def stop(self) -> None:
         """Cancel the task and wait for it."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()
 
 
 class AlertService:

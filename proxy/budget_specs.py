@@ -30,15 +30,14 @@ their reservations. A store error keeps the last good specs.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
 from proxy.budget import BudgetConfigError, BudgetSpec, parse_budget
 from proxy.budget_gate import BudgetGate
-from proxy.errors import StoreUnavailable
 from proxy.report import nanos_to_usd_str
 from proxy.store.base import Store
 
@@ -229,8 +228,8 @@ class SpecWatcher:
         self.timeout_s = timeout_s
         self.version: int | None = None  # of the specs the gate has; None: never loaded
         self.reloads = 0  # for tests and metrics
-        self._failing = False
-        self._task: asyncio.Task[None] | None = None
+        self._outage = OutageLog(log, "run-time budgets")
+        self._task = BackgroundTask("spec watcher")
 
     async def refresh(self) -> bool:
         """Poll once: reload and swap the gate's specs when the version moved. Returns
@@ -254,14 +253,10 @@ class SpecWatcher:
     async def _poll(self) -> None:
         try:
             await self.refresh()
-        except (StoreUnavailable, TimeoutError, OSError) as exc:
-            if not self._failing:  # once per outage, not twice a second
-                log.warning("cannot read run-time budgets; keeping the last ones: %s", exc)
-            self._failing = True
-            return
-        if self._failing:
-            log.info("run-time budgets are readable again")
-        self._failing = False
+        except STORE_ERRORS as exc:
+            self._outage.failed("cannot read them, keeping the last ones", exc)
+        else:
+            self._outage.recovered()
 
     async def run(self) -> None:
         """Poll until cancelled, keeping the last good specs through store errors."""
@@ -272,15 +267,11 @@ class SpecWatcher:
     async def start(self) -> None:
         """Load once now (so the first request sees run-time budgets), then poll in a
         background task."""
-        if self._task is not None:
+        if self._task.running:
             raise RuntimeError("The spec watcher is already running.")
         await self._poll()
-        self._task = asyncio.create_task(self.run(), name="metergate-spec-watcher")
+        self._task.start(self.run())
 
     async def stop(self) -> None:
         """Stop polling; call before closing the store."""
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._task.stop()

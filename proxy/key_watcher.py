@@ -38,8 +38,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
 from proxy.callers import Caller
-from proxy.errors import StoreUnavailable, Unauthorized
+from proxy.errors import Unauthorized
 from proxy.keys import IssuedKey, KeyHasher
 from proxy.settings import ConfigError
 from proxy.store.base import Store
@@ -99,10 +100,10 @@ class IssuedKeys:
         self.version: int | None = None  # of the table held; None: never loaded
         self.reloads = 0
         self._lock = asyncio.Lock()
-        self._failing = False
+        self._outage = OutageLog(log, "issued keys")
         self._last_miss = -1e9
         self._miss: asyncio.Future[bool] | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task = BackgroundTask("key watcher")
         self._reported: set[tuple[str, int]] = set()  # (problem, version) logged once
         self._strict = False  # True during start(): unusable keys are a config error
 
@@ -146,7 +147,7 @@ class IssuedKeys:
         # Compared with the version before, not refresh()'s answer: a reload by the
         # poller while this one waited for the lock counts too.
         before = self.version
-        with contextlib.suppress(StoreUnavailable, TimeoutError, OSError):
+        with contextlib.suppress(*STORE_ERRORS):
             async with asyncio.timeout(MISS_TIMEOUT_S):
                 await self.refresh()
         return self.version != before
@@ -233,14 +234,10 @@ class IssuedKeys:
     async def _poll(self) -> None:
         try:
             await self.refresh()
-        except (StoreUnavailable, TimeoutError, OSError) as exc:
-            if not self._failing:  # once per outage, not twice a second
-                log.warning("cannot read issued keys; keeping the last ones: %s", exc)
-            self._failing = True
-            return
-        if self._failing:
-            log.info("issued keys are readable again")
-        self._failing = False
+        except STORE_ERRORS as exc:
+            self._outage.failed("cannot read them, keeping the last ones", exc)
+        else:
+            self._outage.recovered()
 
     async def run(self) -> None:
         """Poll until cancelled, keeping the last good table through store errors."""
@@ -252,20 +249,20 @@ class IssuedKeys:
         """Load once now (raising :class:`ConfigError` when the store holds active keys
         this replica cannot recognise), then poll in a background task. A store that
         is down at start leaves the table empty until it answers."""
-        if self._task is not None:
-            raise RuntimeError("The issued-key watcher is already running.")
+        if self._task.running:
+            raise RuntimeError("The key watcher is already running.")
         self._strict = True
         try:
             await self._poll()
         finally:
             self._strict = False
-        self._task = asyncio.create_task(self.run(), name="metergate-key-watcher")
+        self._task.start(self.run())
 
     async def stop(self) -> None:
-        """Stop polling; call before closing the store."""
-        task, self._task = self._task, None
-        for pending in (task, self._miss):
-            if pending is not None:
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await pending
+        """Stop polling (and a store check for an unknown key); call before closing the
+        store."""
+        await self._task.stop()
+        if (pending := self._miss) is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -181,8 +182,11 @@ async def test_fail_closed_refuses_with_503_while_redis_is_down(
     oa, an = proxy.openai(), proxy.anthropic()
     try:
         await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
+        assert await readyz(proxy.url) == (200, "ready")
         own_redis.kill()
         fake.reset()
+        # Every budgeted request would be refused: the replica is not ready.
+        assert await readyz(proxy.url) == (503, "unavailable")
 
         with pytest.raises(openai.APIStatusError) as oerr:
             await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
@@ -204,9 +208,31 @@ async def test_fail_closed_refuses_with_503_while_redis_is_down(
         await asyncio.to_thread(own_redis.start)
         completion = await oa.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=5)
         assert completion.usage is not None
+        assert await readyz(proxy.url) == (200, "ready")
     finally:
         await oa.close()
         await an.close()
+
+
+async def test_readyz_stays_up_degraded_under_fail_open(
+    own_redis: RedisServer, make_proxy: ProxyFactory, tmp_path: Path
+) -> None:
+    """Under fail_open a replica serves without its store, so a load balancer must not
+    take it out: /readyz answers 200 ``degraded`` and says the store is unreachable."""
+    proxy = await make_proxy(
+        {"budgets": [ALL], "journal_dir": str(tmp_path / "j")},
+        store=f"{own_redis.url}/0?namespace={namespace()}",
+    )
+    assert await readyz(proxy.url) == (200, "ready")
+    own_redis.kill()
+    assert await readyz(proxy.url) == (200, "degraded")
+    await asyncio.to_thread(own_redis.start)
+    assert await readyz(proxy.url) == (200, "ready")
+
+
+async def readyz(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(f"{url}/readyz") as r:
+        return r.status, (await r.json())["status"]
 
 
 class _Answers:

@@ -69,9 +69,9 @@ from proxy.store.aggregate import GROUP_COLUMNS, ReportRow, aggregate
 
 __all__ = [
     "DEFAULT_SETTLED_RETENTION_S",
-    "AlertEntry",
     "GROUP_COLUMNS",
     "MAX_NANOS",
+    "AlertEntry",
     "BudgetState",
     "RateItem",
     "ReportRow",
@@ -81,8 +81,8 @@ __all__ = [
     "alert_entry_id",
     "decode_spec_docs",
     "encode_spec_doc",
-    "validate_reserve",
     "validate_enqueue_alert",
+    "validate_reserve",
     "validate_settle",
 ]
 

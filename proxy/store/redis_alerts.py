@@ -14,38 +14,23 @@ a lease, are atomic across replicas; :meth:`alert_marked` is one ``EXISTS``.
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
-from proxy.store.base import AlertEntry, Store, alert_entry_id, validate_enqueue_alert
-from proxy.store.redis_scripts import LuaScript
+from proxy.store.base import AlertEntry, alert_entry_id, validate_enqueue_alert
+from proxy.store.redis_scripts import LuaScript, RedisPlumbing, text
 
 __all__ = ["RedisAlertMethods"]
 
 _ALERTS: Final = LuaScript.load("alerts_v1.lua")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisAlertMethods(Store):
+class RedisAlertMethods(RedisPlumbing):
     """Implements the alert methods of :class:`~proxy.store.base.Store` for
     :class:`~proxy.store.redis.RedisStore`, which provides the plumbing below."""
 
-    namespace: str
-
-    @abstractmethod
-    async def _command(self, *args: Any) -> Any:
-        """Run one Redis command, translating failures (provided by the store)."""
-
-    @abstractmethod
-    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a script by SHA, loading it when the server lost it (provided by the store)."""
-
     def _alert_keys(self) -> list[str]:
-        tag = "{" + self.namespace + "}"
+        tag = self._tag
         return [f"{tag}:al:q", f"{tag}:al:p", f"{tag}:al:m"]
 
     def _alert_mark_key(self, dedup_key: str) -> str:
@@ -75,7 +60,7 @@ class RedisAlertMethods(Store):
         reply = await self._eval(_ALERTS, self._alert_keys(), ["lease", limit, lease_ms])
         flat = list(reply or [])
         return [
-            AlertEntry(_text(flat[i]), _text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
+            AlertEntry(text(flat[i]), text(flat[i + 1]), int(flat[i + 2]), int(flat[i + 3]))
             for i in range(0, len(flat), 4)
         ]
 

@@ -13,13 +13,11 @@ poll the version with one ``GET`` and read the table only when it moved.
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
-from proxy.store.base import Store
 from proxy.store.keys_common import decode_key_docs, encode_key_doc
-from proxy.store.redis_scripts import LuaScript
+from proxy.store.redis_scripts import LuaScript, RedisPlumbing, text
 
 __all__ = ["RedisKeyMethods"]
 
@@ -32,26 +30,12 @@ def _pairs(reply: Any) -> list[tuple[Any, Any]]:
     return list(zip(flat[::2], flat[1::2], strict=True))
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-class RedisKeyMethods(Store):
+class RedisKeyMethods(RedisPlumbing):
     """Implements the issued-key methods of :class:`~proxy.store.base.Store` for
     :class:`~proxy.store.redis.RedisStore`, which provides the plumbing below."""
 
-    namespace: str
-
-    @abstractmethod
-    async def _command(self, *args: Any) -> Any:
-        """Run one Redis command, translating failures (provided by the store)."""
-
-    @abstractmethod
-    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a script by SHA, loading it when the server lost it (provided by the store)."""
-
     def _key_keys(self) -> tuple[str, str, str, str]:
-        tag = "{" + self.namespace + "}"
+        tag = self._tag
         return f"{tag}:keys", f"{tag}:keys:rev", f"{tag}:keys:names", f"{tag}:keys:v"
 
     async def create_api_key(self, key_id: str, doc: Mapping[str, Any]) -> bool:
@@ -74,9 +58,9 @@ class RedisKeyMethods(Store):
         """See :meth:`Store.api_keys`; one ``keys_v1.lua`` call reading documents and
         revisions together."""
         docs, revs = await self._eval(_KEYS, self._key_keys(), ["read"])
-        rev_of = {_text(i): int(r) for i, r in _pairs(revs)}
+        rev_of = {text(i): int(r) for i, r in _pairs(revs)}
         return decode_key_docs(
-            (_text(i), doc, rev_of[_text(i)]) for i, doc in _pairs(docs) if _text(i) in rev_of
+            (text(i), doc, rev_of[text(i)]) for i, doc in _pairs(docs) if text(i) in rev_of
         )
 
     async def api_keys_version(self) -> int:

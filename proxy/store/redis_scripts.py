@@ -8,10 +8,15 @@ two releases can run side by side during a deploy.
 from __future__ import annotations
 
 import hashlib
+from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
-__all__ = ["LuaScript"]
+from proxy.store.base import Store
+
+__all__ = ["LuaScript", "RedisPlumbing", "text"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,3 +32,28 @@ class LuaScript:
         """Read ``lua/<name>`` from the package."""
         source = resources.files("proxy.store").joinpath(f"lua/{name}").read_text("utf-8")
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+def text(value: Any) -> str:
+    """A reply value as text (redis-py returns bytes unless told to decode)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class RedisPlumbing(Store):
+    """What the per-feature halves of :class:`~proxy.store.redis.RedisStore` (specs,
+    keys, alerts) need from it: the namespace and two ways to talk to Redis."""
+
+    namespace: str
+
+    @abstractmethod
+    async def _command(self, *args: Any) -> Any:
+        """Run one Redis command, translating failures (provided by the store)."""
+
+    @abstractmethod
+    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        """Run a script by SHA, loading it when the server lost it (provided by the store)."""
+
+    @property
+    def _tag(self) -> str:
+        """The namespace's hash tag, ``{ns}``: every key of one feature in one slot."""
+        return "{" + self.namespace + "}"

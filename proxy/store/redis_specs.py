@@ -11,34 +11,23 @@ replicas poll the version with one ``GET`` and read the hash only when it moved.
 
 from __future__ import annotations
 
-from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Final
 
-from proxy.store.base import Store, decode_spec_docs, encode_spec_doc
-from proxy.store.redis_scripts import LuaScript
+from proxy.store.base import decode_spec_docs, encode_spec_doc
+from proxy.store.redis_scripts import LuaScript, RedisPlumbing
 
 __all__ = ["RedisSpecMethods"]
 
 _SPECS: Final = LuaScript.load("specs_v1.lua")
 
 
-class RedisSpecMethods(Store):
+class RedisSpecMethods(RedisPlumbing):
     """Implements the run-time spec methods of :class:`~proxy.store.base.Store` for
     :class:`~proxy.store.redis.RedisStore`, which provides the plumbing below."""
 
-    namespace: str
-
-    @abstractmethod
-    async def _command(self, *args: Any) -> Any:
-        """Run one Redis command, translating failures (provided by the store)."""
-
-    @abstractmethod
-    async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        """Run a script by SHA, loading it when the server lost it (provided by the store)."""
-
     def _spec_keys(self) -> tuple[str, str]:
-        tag = "{" + self.namespace + "}"
+        tag = self._tag
         return f"{tag}:specs", f"{tag}:specs:v"
 
     async def put_budget_spec(self, name: str, doc: Mapping[str, Any]) -> None:
