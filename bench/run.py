@@ -973,7 +973,13 @@ def profile_target(
 
 
 #: Leaf frames that mean "waiting", not "working".
-IDLE_LEAVES = ("_worker (concurrent/futures/thread.py)", "Thread.run (threading.py)")
+IDLE_LEAVES = (
+    "_worker (concurrent/futures/thread.py)",
+    "Thread.run (threading.py)",
+    # the access log's writer thread asleep between batches (time.sleep has no frame)
+    "BatchingStreamHandler._run (proxy/access_log.py)",
+    "Condition.wait (threading.py)",
+)
 
 
 def summarise_collapsed(text: str, top: int = 15) -> dict[str, Any]:

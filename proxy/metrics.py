@@ -32,6 +32,28 @@ A typical deployment (2 upstreams, 10 models in use, 5 teams, 10 budgets) export
 prometheus-client's created series are turned off (``PROMETHEUS_DISABLE_CREATED_SERIES=True``).
 The worst case is bounded by the catalog (65 models) and the configured teams: about
 65*T*(4 + 5 + 1) series for T teams, 3,250 for 5 teams.
+
+Opt-in ``key`` and ``user`` labels (config ``metrics: {labels: [key, user],
+max_label_values: N}``) go on ``requests``, ``tokens`` and ``cost`` only, and multiply
+their series by the number of distinct values seen, at most N + 1 per label (N values,
+first come first served in each process, then ``other`` for every later one; a caller
+with no user is ``none``). The combinations actually seen are what count: in practice a
+key belongs to one team and usually one user, so ``[key]`` with K keys turns the 7 series
+per (model, team) above into about 7 per (model, key), i.e. 10*K*7 for 10 models:
+7,000 for K = 100. Both labels together rarely add more than ``[key]`` alone, for the
+same reason. Each process (replica, or worker of ``serve --workers``) picks its own first
+N, so two replicas may put different values into ``other``; with ``--workers`` the
+multiprocess exposition sums them per label value as they are.
+
+Worker processes
+----------------
+``metergate serve --workers N`` runs prometheus-client in multiprocess mode: every
+counter and histogram value lives in a memory-mapped file per process under a directory
+the supervisor creates (``PROMETHEUS_MULTIPROC_DIR``), and ``/metrics`` on any worker
+sums all of them (:meth:`Metrics.render`). The budget gauges are not per-process values:
+each worker serves the snapshot it read from the shared store, as a single process does.
+The loop-lag and overhead histograms are summed over the workers' loops. There are no
+``_created`` series in this mode.
 """
 
 from __future__ import annotations
@@ -43,8 +65,9 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 from proxy.usage import Usage
@@ -72,6 +95,11 @@ STORE_OPS = ("ledger_write", "budget")
 #: Alert channels and results pre-created at zero, for the same reason.
 ALERT_CHANNELS = ("slack", "webhook")
 ALERT_RESULTS = ("ok", "failed")
+#: Labels a config may add to the request, token and cost counters (``metrics.labels``).
+OPTIONAL_LABELS = ("key", "user")
+#: Distinct values an optional label takes per process before the rest become ``other``.
+DEFAULT_MAX_LABEL_VALUES = 100
+OTHER = "other"
 
 
 def status_class(status: int) -> str:
@@ -143,29 +171,72 @@ class BudgetCollector(Collector):
         yield from (spent, reserved, limit, start, end, age)
 
 
-class Metrics:
-    """The proxy's metrics. One instance per registry; tests pass a fresh registry."""
+class LabelCap:
+    """Bounds one label's values: the first ``limit`` distinct values pass, later ones
+    become ``other``. First come, first served, per process."""
 
-    def __init__(self, registry: CollectorRegistry, known_models: Iterable[str] = ()) -> None:
+    __slots__ = ("_seen", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        value = value or "none"
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER
+
+
+class Metrics:
+    """The proxy's metrics. One instance per registry; tests pass a fresh registry.
+
+    ``labels`` adds the opt-in ``key`` and/or ``user`` labels (each capped at
+    ``max_label_values`` distinct values) to the request, token and cost counters.
+    ``multiprocess_dir`` is set in the workers of ``serve --workers``, where
+    prometheus-client already runs in multiprocess mode (see the module docstring).
+
+    Labelled children are cached per label tuple: ``Counter.labels`` validates and locks
+    on every call, and the hot path makes four or five such calls per request."""
+
+    def __init__(
+        self,
+        registry: CollectorRegistry,
+        known_models: Iterable[str] = (),
+        *,
+        labels: Iterable[str] = (),
+        max_label_values: int = DEFAULT_MAX_LABEL_VALUES,
+        multiprocess_dir: str | None = None,
+    ) -> None:
         self.registry = registry
         self._known_models = frozenset(known_models)
+        opted = tuple(labels)
+        unknown = [name for name in opted if name not in OPTIONAL_LABELS]
+        if unknown:
+            raise ValueError(f"Unknown optional metric labels {unknown}; use {OPTIONAL_LABELS}.")
+        self.extra_labels = tuple(name for name in OPTIONAL_LABELS if name in opted)
+        self._caps = {name: LabelCap(max_label_values) for name in self.extra_labels}
+        who = ["upstream", "model", "team", *self.extra_labels]
         self.requests = Counter(
             "metergate_requests",
             "Requests through the proxy, by outcome (status class or refusal).",
-            ["upstream", "model", "team", "status"],
+            [*who, "status"],
             registry=registry,
         )
         self.tokens = Counter(
             "metergate_tokens",
             "Tokens used, by kind (cached_input and cache_write are part of input; "
             "reasoning is part of output).",
-            ["upstream", "model", "team", "kind"],
+            [*who, "kind"],
             registry=registry,
         )
         self.cost = Counter(
             "metergate_cost_usd",
             "Spend in US dollars.",
-            ["upstream", "model", "team"],
+            who,
             registry=registry,
         )
         self.estimated = Counter(
@@ -239,6 +310,36 @@ class Metrics:
         self.budgets = BudgetCollector()
         registry.register(self.budgets)
         self._gate_errors_seen = 0
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._exposition = registry
+        if multiprocess_dir is not None:
+            # Values live in per-process files; /metrics sums every worker's files, and
+            # adds the budget gauges, which are this process's snapshot of the store.
+            self._exposition = CollectorRegistry()
+            MultiProcessCollector(self._exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self._exposition.register(self.budgets)
+
+    def render(self) -> bytes:
+        """The text exposition for ``/metrics`` (every worker's values in multiprocess
+        mode)."""
+        return generate_latest(self._exposition)
+
+    def _child(self, metric: Any, values: tuple[str, ...]) -> Any:
+        """``metric.labels(*values)``, cached: label sets are bounded by design."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
+    def observe_ttfb(self, upstream: str, seconds: float) -> None:
+        """Time to the upstream's response headers."""
+        self._child(self.ttfb, (upstream,)).observe(seconds)
+
+    def observe_done(self, upstream: str, duration_s: float, overhead_s: float) -> None:
+        """A finished request's duration and the proxy's own share of it."""
+        self._child(self.duration, (upstream,)).observe(duration_s)
+        self.overhead.observe(overhead_s)
 
     async def refresh_budgets(
         self, gate: BudgetGate | None, timeout_s: float = BUDGET_REFRESH_TIMEOUT_S
@@ -281,6 +382,11 @@ class Metrics:
         """An aiohttp ``cleanup_ctx`` that runs the event-loop lag timer while the app runs."""
         return _loop_lag_ctx(self.loop_lag.observe)
 
+    def alert_sent(self, channel: str, result: str) -> None:
+        """Count one alert delivery *attempt* (``channel`` is the channel type, ``result``
+        ``ok`` or ``failed``; see :mod:`proxy.alert_delivery`)."""
+        self.alerts_sent.labels(channel, result).inc()
+
     def model_label(self, canonical: str | None) -> str:
         """A bounded model label: a catalog name, or ``other``."""
         return canonical if canonical in self._known_models else "other"
@@ -294,17 +400,25 @@ class Metrics:
         outcome: str,
         usage: Usage | None,
         cost_nanos: int,
+        key: str | None = None,
+        user: str | None = None,
     ) -> None:
-        """Count one finished (or refused) request."""
-        self.requests.labels(upstream, model, team, outcome).inc()
+        """Count one finished (or refused) request. ``key`` and ``user`` are used only
+        when the config opted into those labels."""
+        who: tuple[str, ...] = (upstream, model, team)
+        if self.extra_labels:
+            given = {"key": key, "user": user}
+            who += tuple(self._caps[name](given[name]) for name in self.extra_labels)
+        child = self._child
+        child(self.requests, (*who, outcome)).inc()
         if usage is not None:
             for kind, n in usage.tokens_by_kind().items():
                 if n:
-                    self.tokens.labels(upstream, model, team, kind).inc(n)
+                    child(self.tokens, (*who, kind)).inc(n)
             if not usage.exact:
-                self.estimated.labels(upstream, model).inc()
+                child(self.estimated, (upstream, model)).inc()
         if cost_nanos:
-            self.cost.labels(upstream, model, team).inc(cost_nanos / NANOS_PER_USD)
+            child(self.cost, who).inc(cost_nanos / NANOS_PER_USD)
 
 
 async def _loop_lag_ctx(observe: Callable[[float], None]) -> AsyncIterator[None]:

