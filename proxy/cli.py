@@ -18,14 +18,17 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.access_log import configure_logging
 from proxy.app import build_app
 from proxy.cli_budgets import add_budget_commands
+from proxy.cli_keys import add_key_commands
 from proxy.ledger import LedgerRecord
 from proxy.pricing import Catalog, describe
 from proxy.report import format_report, nanos_to_usd_str, parse_period
 from proxy.settings import ConfigError, load_settings
 from proxy.store import open_store
 from proxy.store.base import GROUP_COLUMNS
+from proxy.workers import Supervisor
 
 DEFAULT_CONFIG = "metergate.yaml"
 
@@ -55,6 +58,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
     serve.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="proxy processes sharing the port (SO_REUSEPORT; default 1); see proxy/workers.py",
+    )
+    # Set by the --workers supervisor on the processes it starts.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--metrics-dir", default=None, help=argparse.SUPPRESS)
     serve.set_defaults(func=_serve)
 
     report = sub.add_parser("report", help="spend and tokens, grouped")
@@ -84,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=_ledger_list)
 
     add_budget_commands(sub, DEFAULT_CONFIG)
+    add_key_commands(sub, DEFAULT_CONFIG)
 
     prices = sub.add_parser("prices", help="the price catalog")
     prices_sub = prices.add_subparsers(required=True, metavar="ACTION")
@@ -105,23 +118,26 @@ def _config_arg(p: argparse.ArgumentParser) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
-    # Thread, process and multiprocessing names are never in our log format: skip
-    # collecting them for every record (the access log writes one per request).
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(getattr(logging, str(args.log_level).upper(), logging.INFO))
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
-    app = build_app(settings)
+    if args.workers > 1 and args.worker_index is None:
+        if port == 0 or settings.store.startswith("memory:"):
+            raise ValueError(
+                "--workers needs a fixed port (not 0) and a store the processes can share "
+                "(sqlite:///path or redis://), not memory://."
+            )
+        argv = ["--config", args.config, "--host", host, "--port", str(port)]
+        argv += ["--log-level", args.log_level, "--workers", str(args.workers)]
+        return Supervisor(argv, args.workers, settings.server.shutdown_grace_s).run()
+    is_worker = args.worker_index is not None
+    app = build_app(settings, multiprocess_dir=args.metrics_dir, reuse_port=is_worker)
     loop = _new_loop()
     web.run_app(
         app,
         host=host,
         port=port,
+        reuse_port=is_worker,
         access_log=None,  # our own structured access log replaces aiohttp's
         shutdown_timeout=settings.server.shutdown_grace_s,
         loop=loop,

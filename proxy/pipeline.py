@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,7 @@ import orjson
 from aiohttp import web
 from yarl import URL
 
+from proxy.access_log import log_line
 from proxy.budget import RequestFacts, Reservation, worst_case_nanos
 from proxy.budget_gate import BudgetGate, wait_for_store
 from proxy.callers import Caller, KeyRing, parse_tags
@@ -191,7 +192,7 @@ class Pipeline:
     async def _admit(self, request: web.Request, ex: Exchange) -> str | None:
         """Identify the caller, read and parse the body, check the price.
         Returns the key to send upstream (None: the upstream's configured key)."""
-        caller, passthrough_key = self.keyring.identify(request.headers)
+        caller, passthrough_key = await self.keyring.resolve(request.headers)
         ex.caller = caller
         ex.tags = caller.tags + tuple(
             t
@@ -325,7 +326,7 @@ class Pipeline:
             )
         ttfb = time.perf_counter() - t_sent
         ex.upstream_wait += ttfb
-        self.metrics.ttfb.labels(up.name).observe(ttfb)
+        self.metrics.observe_ttfb(up.name, ttfb)
         ex.status = ex.upstream_status = resp.status
         # The provider's own request id ties a ledger record to the provider's invoice.
         upstream_id = resp.headers.get("x-request-id") or resp.headers.get("request-id")
@@ -616,13 +617,17 @@ class Pipeline:
             error=ex.error,
             extra=extra,
         )
-        # The budget settle and the ledger write are independent: run them together.
-        await asyncio.gather(self._write_ledger(record), self._settle(ex))
+        if ex.reservation is None:
+            await self._write_ledger(record)  # no settle: spare gather's two tasks
+        else:
+            # The budget settle and the ledger write are independent: run them together.
+            await asyncio.gather(self._write_ledger(record), self._settle(ex))
         self._observe(ex, outcome=_outcome(ex))
-        self.metrics.duration.labels(ex.upstream.name).observe(latency_ms / 1000.0)
-        self.metrics.overhead.observe(max(0.0, latency_ms / 1000.0 - ex.upstream_wait))
+        self.metrics.observe_done(
+            ex.upstream.name, latency_ms / 1000.0, max(0.0, latency_ms / 1000.0 - ex.upstream_wait)
+        )
         if self.settings.server.access_log and access_log.isEnabledFor(logging.INFO):
-            access_log.info(orjson.dumps(_access_entry(record)).decode())
+            log_line(access_log, orjson.dumps(_access_entry(record)).decode())
 
     async def _write_ledger(self, record: LedgerRecord) -> None:
         try:
@@ -688,6 +693,8 @@ class Pipeline:
             outcome=outcome,
             usage=ex.usage,
             cost_nanos=ex.cost_nanos,
+            key=ex.caller.key_name if ex.caller else None,
+            user=ex.caller.user if ex.caller else None,
         )
 
     def _spawn(self, coro: Any) -> None:
@@ -704,8 +711,10 @@ class Pipeline:
 # ---------------------------------------------------------------------- helpers
 def _new_request_id() -> str:
     """``mgr_`` + 12 hex digits of milliseconds + 16 random: time-ordered, so ledger
-    inserts append to the primary-key index instead of landing at random places."""
-    return f"mgr_{time.time_ns() // 1_000_000:012x}{os.urandom(8).hex()}"
+    inserts append to the primary-key index instead of landing at random places. The
+    random part needs uniqueness, not secrecy: ``getrandbits`` (seeded from the OS at
+    start) avoids a ``getrandom`` system call per request."""
+    return f"mgr_{time.time_ns() // 1_000_000:012x}{random.getrandbits(64):016x}"
 
 
 def _charged(ex: Exchange, status: int) -> bool:
@@ -728,6 +737,12 @@ def _relative_raw_path(request: web.Request) -> str:
     """The still-encoded path after ``/{upstream}/``, with the query string, so the
     upstream receives exactly the bytes the client sent."""
     raw = request.raw_path
+    if not raw.startswith("/"):
+        # An absolute-form target (``POST http://host/openai/v1/... HTTP/1.1``, RFC 9112
+        # 3.2.2): aiohttp's raw_path is then the whole URL. Its host is ignored, as the
+        # Host header is (upstreams are fixed by config); only its path is relayed.
+        url = request.rel_url
+        raw = url.raw_path + ("?" + url.raw_query_string if url.raw_query_string else "")
     prefix_len = len(request.match_info["upstream"]) + 2  # "/name/"
     rel = raw[prefix_len:]
     # Only the path can be used to traverse; the query string is data and is relayed as

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 import yaml
 
+from proxy.alert_config import AlertConfigError, AlertSettings, parse_alerts
 from proxy.budget import BudgetConfigError, BudgetSpec, parse_budgets
 
 DEFAULT_HOST = "127.0.0.1"
@@ -37,9 +38,12 @@ DEFAULT_TAG_MAX_LEN = 64
 DEFAULT_SHUTDOWN_GRACE_S = 30.0
 DEFAULT_STORE_TIMEOUT_MS = 50
 DEFAULT_RESERVATION_TTL_S = 900.0
+DEFAULT_MAX_LABEL_VALUES = 100
 #: Where the fail-open journal lives when ``journal_dir`` is not set and the store is
 #: not a file (an SQLite store keeps its journal next to its database file).
 DEFAULT_JOURNAL_DIR = "./metergate-journal"
+#: The shortest ``key_secret`` accepted (``openssl rand -hex 32`` gives 64 characters).
+MIN_KEY_SECRET_CHARS = 32
 ON_STORE_ERROR = ("fail_open", "fail_closed")
 UNKNOWN_MODEL_POLICIES = ("reject", "charge_fallback")
 WIRE_FORMATS = ("openai", "anthropic")
@@ -49,7 +53,8 @@ ROOT_FIELDS = frozenset(
     {
         "server", "store", "unknown_model", "fallback_price", "passthrough_keys", "upstreams",
         "keys", "prices", "tiktoken_dir", "tags", "budgets", "on_store_error",
-        "store_timeout_ms", "reservation_ttl_s", "journal_dir", "admin_token",
+        "store_timeout_ms", "reservation_ttl_s", "journal_dir", "admin_token", "metrics",
+        "alerts", "key_secret",
     }
 )  # fmt: skip
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -69,6 +74,17 @@ class ServerSettings:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     access_log: bool = True
+    #: A second listener for /admin, /ui and /metrics (None: they share the proxy's).
+    admin_port: int | None = None
+    admin_host: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """Opt-in metric labels (``key``, ``user``) and the cap on their distinct values."""
+
+    labels: tuple[str, ...] = ()
+    max_label_values: int = DEFAULT_MAX_LABEL_VALUES
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +132,10 @@ class Settings:
     reservation_ttl_s: float = DEFAULT_RESERVATION_TTL_S
     journal_dir: str | None = None
     admin_token: str | None = None
+    #: HMAC secret of issued keys (proxy.keys); kept out of repr so it never reaches a log.
+    key_secret: str | None = field(default=None, repr=False)
+    alerts: AlertSettings | None = None  # see proxy.alert_config
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str = "<defaults>"
 
 
@@ -208,6 +228,10 @@ def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
         budgets = parse_budgets(root.get("budgets", []))
     except BudgetConfigError as exc:
         raise ConfigError(str(exc)) from None
+    try:
+        alerts = parse_alerts(root.get("alerts"))
+    except AlertConfigError as exc:
+        raise ConfigError(str(exc)) from None
     upstreams = _upstreams(root.get("upstreams"))
     keys = _keys(root.get("keys", []))
     prices = root.get("prices")
@@ -235,13 +259,60 @@ def parse_settings(raw: Any, environ: Mapping[str, str]) -> Settings:
         ),
         journal_dir=_opt_str(root.get("journal_dir"), "journal_dir") or None,
         admin_token=_opt_str(root.get("admin_token"), "admin_token") or None,
+        key_secret=_key_secret(root.get("key_secret")),
+        alerts=alerts,
+        metrics=_metrics(root.get("metrics", {})),
     )
+
+
+def _metrics(value: Any) -> MetricsSettings:
+    m = _mapping(value, "metrics")
+    _no_unknown(m, "metrics", {"labels", "max_label_values"})
+    labels = m.get("labels", [])
+    if not isinstance(labels, list) or any(v not in ("key", "user") for v in labels):
+        raise ConfigError(
+            f"metrics.labels: a list of optional labels among key and user, not {labels!r}."
+        )
+    return MetricsSettings(
+        labels=tuple(dict.fromkeys(labels)),
+        max_label_values=_int(
+            m.get("max_label_values", DEFAULT_MAX_LABEL_VALUES),
+            "metrics.max_label_values",
+            1,
+            100_000,
+        ),
+    )
+
+
+def _key_secret(value: Any) -> str | None:
+    secret = _opt_str(value, "key_secret") or None
+    if secret is not None and len(secret) < MIN_KEY_SECRET_CHARS:
+        raise ConfigError(
+            f"key_secret: must be at least {MIN_KEY_SECRET_CHARS} characters; generate one "
+            "with `openssl rand -hex 32` and pass it as key_secret: ${METERGATE_KEY_SECRET}."
+        )
+    return secret
 
 
 def _server(value: Any) -> ServerSettings:
     m = _mapping(value, "server")
-    _no_unknown(m, "server", {"host", "port", "max_body_bytes", "shutdown_grace_s", "access_log"})
+    _no_unknown(
+        m,
+        "server",
+        {"host", "port", "max_body_bytes", "shutdown_grace_s", "access_log", "admin_port",
+         "admin_host"},
+    )  # fmt: skip
+    admin_port = m.get("admin_port")
+    if admin_port is not None:
+        admin_port = _int(admin_port, "server.admin_port", 0, 65535)
+        if admin_port != 0 and admin_port == m.get("port", DEFAULT_PORT):
+            raise ConfigError(
+                "server.admin_port: it is the proxy's own port; give the admin listener "
+                "another port, or leave admin_port out to serve /admin on the proxy's port."
+            )
     return ServerSettings(
+        admin_port=admin_port,
+        admin_host=_opt_str(m.get("admin_host"), "server.admin_host"),
         host=_str(m.get("host", DEFAULT_HOST), "server.host"),
         port=_int(m.get("port", DEFAULT_PORT), "server.port", 0, 65535),
         max_body_bytes=_int(

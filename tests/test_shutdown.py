@@ -128,4 +128,3 @@ async def test_sigterm_lets_50_streams_finish_and_settles_everything(
         assert state.spent_nanos == sum(expected)
     finally:
         await store.close()
-
