@@ -176,6 +176,38 @@ def proc_status_kib(pid: int, field_name: str) -> int:
     return 0
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Metergate's token-counting child, multiprocessing's
+    resource tracker), so that memory is not hidden in a child."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def children_peak_kib(pid: int) -> int:
+    total = 0
+    for child in descendants(pid):
+        try:
+            total += proc_status_kib(child, "VmHWM")
+        except OSError:
+            pass
+    return total
+
+
 # ----------------------------------------------------------------------- processes
 @dataclass
 class Proc:
@@ -854,6 +886,7 @@ def render_table(s: dict[str, dict[str, float | None]], targets: list[str], rate
         ),
         ("peak RSS (VmHWM), MiB", "rss_peak_mib", ".1f", False, "ratio+diff"),
         ("  RSS when started, MiB", "rss_start_mib", ".1f", False, "diff"),
+        ("  peak RSS of its child processes, MiB", "rss_children_mib", ".1f", False, "diff"),
     ]
     cols = [LABELS[t] for t in targets]
     pairs = comparisons(targets)
@@ -1389,6 +1422,7 @@ def main(argv: list[str] | None = None) -> int:
             if t.proc is not None:
                 b.note(name, "rss_peak_mib", proc_status_kib(t.proc.pid, "VmHWM") / 1024)
                 b.note(name, "rss_start_mib", rss_start[name])
+                b.note(name, "rss_children_mib", children_peak_kib(t.proc.pid) / 1024)
         result: dict[str, Any] = {"monitor": {}}
         if redis is not None and "metergate-redis-budgets" in tmap and args.monitor_seconds > 0:
             result["monitor"] = monitor_round_trips(b, args.monitor_seconds)

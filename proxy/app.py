@@ -32,7 +32,7 @@ from proxy.pricing import Catalog
 from proxy.settings import Settings, journal_dir_for, tiktoken_dir_from_env
 from proxy.store import open_store
 from proxy.store.base import Store
-from proxy.tokens import TokenCounter
+from proxy.token_process import ProcessTokenCounter
 from proxy.upstream import make_session
 
 log = logging.getLogger("metergate")
@@ -153,11 +153,11 @@ async def _admin_listener(
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     vocab = tiktoken_dir_from_env(settings)
-    counter = TokenCounter(vocab_dir=Path(vocab) if vocab else None)
-    # The vocabularies (~55 MiB each in memory) are loaded only when an estimate first
-    # needs one, in the counter's executor: most requests are priced from the provider's
-    # reported usage and never need them. Their files are checked now, so a missing one
-    # still fails at start-up.
+    # Tokens are counted in a child process started on the first count: building a
+    # vocabulary would hold this process's GIL (and stall the loop) for ~140 ms, and
+    # most processes never count, as providers report usage (see proxy.token_process).
+    # The vocabulary files are checked now, so a missing one still fails at start-up.
+    counter = ProcessTokenCounter(vocab_dir=Path(vocab) if vocab else None)
     await asyncio.get_running_loop().run_in_executor(None, counter.check_available)
     store = open_store(settings.store)
     await store.open()
@@ -239,7 +239,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             await journal.close()
         await session.close()
         await store.close()
-        counter.close()
+        await asyncio.get_running_loop().run_in_executor(None, counter.close)
 
 
 async def _proxy(request: web.Request) -> web.StreamResponse:

@@ -46,7 +46,7 @@ from proxy.pricing import Catalog, Price, cost_nanos
 from proxy.providers import PROVIDERS, ParsedRequest, Provider, StreamMeter
 from proxy.report import nanos_to_usd_str
 from proxy.settings import Settings, UpstreamSettings
-from proxy.tokens import TokenCounter, encoding_name_for_model
+from proxy.tokens import PromptCounter, encoding_name_for_model
 from proxy.upstream import (
     Decoder,
     client_response_headers,
@@ -125,7 +125,7 @@ class Pipeline:
         settings: Settings,
         keyring: KeyRing,
         catalog: Catalog,
-        counter: TokenCounter,
+        counter: PromptCounter,
         writer: LedgerWriter,
         metrics: Metrics,
         session: aiohttp.ClientSession,

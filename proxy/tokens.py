@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import tiktoken
 import tiktoken.model
@@ -348,6 +348,15 @@ def _utf8_len_below(text: str, limit: int) -> bool:
     if 4 * n < limit:  # and at most four
         return True
     return len(text.encode("utf-8", "surrogatepass")) < limit
+
+
+class PromptCounter(Protocol):
+    """What the pipeline needs to count: :class:`TokenCounter` (in this process) or
+    :class:`proxy.token_process.ProcessTokenCounter` (in a child, what the proxy uses)."""
+
+    async def count_async(self, text: str, model: str) -> int:
+        """The tokens of ``text`` for ``model``, without blocking the event loop."""
+        ...
 
 
 class TokenCounter:

@@ -117,39 +117,12 @@ async def test_big_prompt_estimate_does_not_stall_the_loop(
     )
     assert len(big_chat) > PROMPT_BYTES and len(big_claude) > PROMPT_BYTES
 
-    # The proxy loads a vocabulary on the first estimate that needs it (off the loop),
-    # but tiktoken's Rust constructor holds the GIL for ~140 ms per vocabulary: a stall
-    # each process takes once per vocabulary, traded for ~110 MiB less memory
-    # (bench/README.md). Take it now, so the measurement below is of the steady state.
-    await _load_vocabularies(proxy)
     gc.collect()
     gc.freeze()
     try:
         await _measure(proxy, big_chat, big_claude, expected_chat, expected_claude, one_count_s)
     finally:
         gc.unfreeze()
-
-
-async def _load_vocabularies(proxy: RunningProxy) -> None:
-    """One small estimated request per vocabulary (a 200 whose body is not JSON)."""
-    auth = {"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json"}
-    fault = {"X-Fake-Fault": "html:200"}
-    for path, body in (
-        (
-            "/openai/v1/chat/completions",
-            {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "warm"}]},
-        ),
-        (
-            "/anthropic/v1/messages",
-            {
-                "model": "claude-haiku-4-5",
-                "max_tokens": 10,
-                "messages": [{"role": "user", "content": "warm"}],
-            },
-        ),
-    ):
-        status, _, _ = await raw_post(proxy.url + path, orjson.dumps(body), {**auth, **fault})
-        assert status == 200
 
 
 async def _measure(
