@@ -37,7 +37,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -299,7 +299,7 @@ class BudgetGate:
 
 
 async def wait_for_store(
-    call: Coroutine[Any, Any, _T],
+    call: Awaitable[_T],
     timeout_s: float,
     *,
     answers: Callable[[], int],
@@ -324,10 +324,14 @@ async def wait_for_store(
     millisecond; under fail_open each such reserve admitted its request unchecked, and
     500 concurrent requests on two replicas against a cap that fits 173 admitted 388 to
     481 of them. Cancelling the caller cancels the call.
+
+    ``call`` is a coroutine or a future; a future (such as
+    :meth:`LedgerWriter.write_nowait`'s) is waited for as it is, which spares a task per
+    call on the hot path.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
-    task = loop.create_task(call)
+    task = asyncio.ensure_future(call, loop=loop)
     try:
         while True:
             waited_from, cpu_from, seen = loop.time(), time.thread_time(), answers()

@@ -637,7 +637,7 @@ class Pipeline:
             # store_timeout_ms while the loop was free to listen; records queued behind
             # batches the store is still working through wait, up to the 2 s.
             await wait_for_store(
-                self.writer.write(record),
+                self.writer.write_nowait(record),  # a future: no task per request
                 self.settings.store_timeout_ms / 1000.0,
                 answers=lambda: self.writer.batches + self.writer.failed_batches,
                 max_wait_s=LEDGER_WRITE_TIMEOUT_S,

@@ -11,6 +11,7 @@ edit a stream (removing the usage chunk it asked for), it asks for ``identity``.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -187,9 +188,11 @@ def make_session(upstreams: Mapping[str, UpstreamSettings]) -> aiohttp.ClientSes
     )
 
 
+@functools.lru_cache(maxsize=64)
 def request_timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:
     """Bound the connect and every read gap, never the whole request: reasoning
-    streams may legitimately run for many minutes."""
+    streams may legitimately run for many minutes. Built once per upstream (both
+    objects are immutable), not once per request."""
     return aiohttp.ClientTimeout(
         total=None,
         connect=upstream.connect_timeout_s,
