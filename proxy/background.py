@@ -16,12 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final
 
 from proxy.errors import StoreUnavailable
 
-__all__ = ["STORE_ERRORS", "BackgroundTask", "OutageLog"]
+__all__ = ["STORE_ERRORS", "BackgroundTask", "OutageLog", "poll_forever", "poll_once"]
 
 STORE_ERRORS: Final = (StoreUnavailable, TimeoutError, OSError)
 """What a store call raises when the store is down or slow: a loop retries these and
@@ -71,3 +71,23 @@ class OutageLog:
         if self.failing:
             self._log.info("%s: the store answers again", self.what)
         self.failing = False
+
+
+async def poll_once(refresh: Callable[[], Awaitable[object]], outage: OutageLog) -> None:
+    """Call ``refresh`` once; a store error keeps the last state and is logged once per
+    outage (anything else propagates)."""
+    try:
+        await refresh()
+    except STORE_ERRORS as exc:
+        outage.failed("cannot read them, keeping the last ones", exc)
+    else:
+        outage.recovered()
+
+
+async def poll_forever(
+    refresh: Callable[[], Awaitable[object]], outage: OutageLog, interval_s: float
+) -> None:
+    """:func:`poll_once` every ``interval_s`` until cancelled."""
+    while True:
+        await poll_once(refresh, outage)
+        await asyncio.sleep(interval_s)

@@ -35,7 +35,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
-from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
+from proxy.background import BackgroundTask, OutageLog, poll_forever, poll_once
 from proxy.budget import BudgetConfigError, BudgetSpec, parse_budget
 from proxy.budget_gate import BudgetGate
 from proxy.report import nanos_to_usd_str
@@ -251,18 +251,11 @@ class SpecWatcher:
         return True
 
     async def _poll(self) -> None:
-        try:
-            await self.refresh()
-        except STORE_ERRORS as exc:
-            self._outage.failed("cannot read them, keeping the last ones", exc)
-        else:
-            self._outage.recovered()
+        await poll_once(self.refresh, self._outage)
 
     async def run(self) -> None:
         """Poll until cancelled, keeping the last good specs through store errors."""
-        while True:
-            await self._poll()
-            await asyncio.sleep(self.interval_s)
+        await poll_forever(self.refresh, self._outage, self.interval_s)
 
     async def start(self) -> None:
         """Load once now (so the first request sees run-time budgets), then poll in a

@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog
+from proxy.background import STORE_ERRORS, BackgroundTask, OutageLog, poll_forever, poll_once
 from proxy.callers import Caller
 from proxy.errors import Unauthorized
 from proxy.keys import IssuedKey, KeyHasher
@@ -232,18 +232,11 @@ class IssuedKeys:
             log.error(message, *args)
 
     async def _poll(self) -> None:
-        try:
-            await self.refresh()
-        except STORE_ERRORS as exc:
-            self._outage.failed("cannot read them, keeping the last ones", exc)
-        else:
-            self._outage.recovered()
+        await poll_once(self.refresh, self._outage)
 
     async def run(self) -> None:
         """Poll until cancelled, keeping the last good table through store errors."""
-        while True:
-            await self._poll()
-            await asyncio.sleep(self.interval_s)
+        await poll_forever(self.refresh, self._outage, self.interval_s)
 
     async def start(self) -> None:
         """Load once now (raising :class:`ConfigError` when the store holds active keys
