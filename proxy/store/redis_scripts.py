@@ -8,6 +8,7 @@ two releases can run side by side during a deploy.
 from __future__ import annotations
 
 import hashlib
+import re
 from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,9 +30,18 @@ class LuaScript:
 
     @classmethod
     def load(cls, name: str) -> LuaScript:
-        """Read ``lua/<name>`` from the package."""
-        source = resources.files("proxy.store").joinpath(f"lua/{name}").read_text("utf-8")
+        """Read ``lua/<name>`` from the package. A line ``-- #include OTHER.lua`` is
+        replaced by that file's text (Redis scripts cannot import, and the budget
+        scripts share their clock and expiry sweep)."""
+        source = _INCLUDE.sub(lambda m: _read(m.group(1)), _read(name))
         return cls(name, source, hashlib.sha1(source.encode()).hexdigest())
+
+
+_INCLUDE = re.compile(r"^-- #include (\S+\.lua)$", re.M)
+
+
+def _read(name: str) -> str:
+    return resources.files("proxy.store").joinpath(f"lua/{name}").read_text("utf-8")
 
 
 def text(value: Any) -> str:

@@ -28,27 +28,7 @@
 -- Phases: sweep expired reservations; read all; check all; write all. Nothing is
 -- written before every check has passed. Time is the server's TIME, never the client's.
 
-local WINDOW_US = 60000000
-
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
--- Sweep: release up to `limit` reservations whose expiry has passed. Their ids are not
--- marked done, so a late settle still charges what the request really cost.
-local function sweep(zkey, res_prefix, limit)
-  local ids = redis.call('ZRANGEBYSCORE', zkey, '-inf', now_us, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    local h = res_prefix .. id
-    local fields = redis.call('HGETALL', h)
-    for i = 1, #fields, 2 do
-      if string.sub(fields[i], 1, 2) == 'b:' then
-        redis.call('HINCRBY', string.sub(fields[i], 3), 'reserved', -tonumber(fields[i + 1]))
-      end
-    end
-    redis.call('DEL', h)
-    redis.call('ZREM', zkey, id)
-  end
-end
+-- #include budget_prelude.lua
 
 local zkey, hkey, dkey = KEYS[1], KEYS[2], KEYS[3]
 local rid, ttl_us = ARGV[1], tonumber(ARGV[2])

@@ -16,26 +16,7 @@
 --
 -- Phases: sweep expired reservations; read the reservation and the done marker; write.
 
-local WINDOW_US = 60000000
-
-local t = redis.call('TIME')
-local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-
--- Same sweep as reserve_v1.lua.
-local function sweep(zkey, res_prefix, limit)
-  local ids = redis.call('ZRANGEBYSCORE', zkey, '-inf', now_us, 'LIMIT', 0, limit)
-  for _, id in ipairs(ids) do
-    local h = res_prefix .. id
-    local fields = redis.call('HGETALL', h)
-    for i = 1, #fields, 2 do
-      if string.sub(fields[i], 1, 2) == 'b:' then
-        redis.call('HINCRBY', string.sub(fields[i], 3), 'reserved', -tonumber(fields[i + 1]))
-      end
-    end
-    redis.call('DEL', h)
-    redis.call('ZREM', zkey, id)
-  end
-end
+-- #include budget_prelude.lua
 
 -- Move a GCRA bucket by `delta` units: positive takes more, negative gives back.
 local function adjust(qkey, delta, per_minute)
