@@ -104,11 +104,20 @@ def _run(
         if writes:
             return None
 
+    return run_on_store(settings.store, lambda store: op(store, settings.budgets))
+
+
+def run_on_store(store_url: str, op: Callable[[Store], Awaitable[_T]]) -> _T | None:
+    """Open the store, run ``op(store)``, close the store (the CLI's ``budgets`` and
+    ``keys`` commands). Operational errors (a :class:`BudgetAdminError`, which key errors
+    are too, or an unreachable store) are printed and give None (exit status 1); invalid
+    input (status 400) is raised as ValueError (exit status 2)."""
+
     async def run() -> _T:
-        store = open_store(settings.store)
+        store = open_store(store_url)
         await store.open()
         try:
-            return await op(store, settings.budgets)
+            return await op(store)
         finally:
             await store.close()
 
@@ -123,7 +132,8 @@ def _run(
     return None
 
 
-def _json(value: Any) -> str:
+def dumps_json(value: Any) -> str:
+    """Indented JSON, as ``--json`` prints it."""
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
 
 
@@ -259,7 +269,7 @@ def _list(args: argparse.Namespace) -> int:
     listing = _run(args, list_budgets, writes=False)
     if listing is None:
         return 1
-    print(_json(listing) if args.format == "json" else format_table(listing))
+    print(dumps_json(listing) if args.format == "json" else format_table(listing))
     return 0
 
 
@@ -267,7 +277,7 @@ def _show(args: argparse.Namespace) -> int:
     view = _run(args, lambda s, c: show_budget(s, c, args.name), writes=False)
     if view is None:
         return 1
-    print(_json(view) if args.format == "json" else _format_one(view))
+    print(dumps_json(view) if args.format == "json" else _format_one(view))
     return 0
 
 

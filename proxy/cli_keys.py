@@ -10,18 +10,14 @@ print the key once; nothing can show it again.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import orjson
-
-from proxy.errors import StoreUnavailable
+from proxy.cli_budgets import dumps_json, run_on_store
 from proxy.key_ops import (
     Issued,
-    KeyAdminError,
     KeyConfig,
     create_key,
     describe,
@@ -31,7 +27,6 @@ from proxy.key_ops import (
     show_key,
 )
 from proxy.settings import load_settings
-from proxy.store import open_store
 from proxy.store.base import Store
 
 __all__ = ["add_key_commands"]
@@ -90,27 +85,7 @@ def _run(args: argparse.Namespace, op: Callable[[Store, KeyConfig], Awaitable[_T
         return None
     cfg = KeyConfig.from_settings(settings)
 
-    async def run() -> _T:
-        store = open_store(settings.store)
-        await store.open()
-        try:
-            return await op(store, cfg)
-        finally:
-            await store.close()
-
-    try:
-        return asyncio.run(run())
-    except KeyAdminError as exc:
-        if exc.status == 400:  # bad input: main() prints it and exits with status 2
-            raise ValueError(exc.message) from None
-        print(f"metergate: {exc.message}", file=sys.stderr)
-    except StoreUnavailable as exc:
-        print(f"metergate: {exc.message}", file=sys.stderr)
-    return None
-
-
-def _json(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+    return run_on_store(settings.store, lambda store: op(store, cfg))
 
 
 def _dash(value: Any) -> str:
@@ -146,7 +121,7 @@ def _print_issued(args: argparse.Namespace, issued: Issued, verb: str) -> None:
     key = issued.key
     view = issued.view(time.time_ns() // 1_000_000)
     if args.json:
-        print(_json(view))
+        print(dumps_json(view))
     else:
         print(f"{verb} the key {key.id} ({key.name}); every replica accepts it within a second.")
         print(_details(view))
@@ -178,7 +153,7 @@ def _list(args: argparse.Namespace) -> int:
     if views is None:
         return 1
     if args.json:
-        print(_json({"keys": views}))
+        print(dumps_json({"keys": views}))
         return 0
     if not views:
         print("No issued keys" + ("." if args.all else " (--all shows revoked ones)."))
@@ -195,7 +170,7 @@ def _show(args: argparse.Namespace) -> int:
     view = _run(args, lambda store, cfg: show_key(store, cfg, args.ref))
     if view is None:
         return 1
-    print(_json(view) if args.json else _details(view))
+    print(dumps_json(view) if args.json else _details(view))
     return 0
 
 
@@ -215,7 +190,7 @@ def _revoke(args: argparse.Namespace) -> int:
         return 1
     assert key.revoked_ms is not None
     if args.json:
-        print(_json(key.view(key.revoked_ms)))
+        print(dumps_json(key.view(key.revoked_ms)))
     else:
         print(
             f"Revoked the key {key.id} ({key.name}); every replica refuses it within a "
