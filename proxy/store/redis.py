@@ -71,7 +71,7 @@ from proxy.store.base import (
 from proxy.store.budget_engine import SWEEP_LIMIT
 from proxy.store.redis_alerts import RedisAlertMethods
 from proxy.store.redis_keys import RedisKeyMethods
-from proxy.store.redis_scripts import LuaScript
+from proxy.store.redis_scripts import LuaScript, text
 from proxy.store.redis_specs import RedisSpecMethods
 
 __all__ = ["SCHEMES", "RedisStore"]
@@ -89,10 +89,6 @@ _CHUNK: Final = 1_000  # ledger ids per MGET / records per script call
 _RESERVE = LuaScript.load("reserve_v1.lua")
 _SETTLE = LuaScript.load("settle_v1.lua")
 _LEDGER = LuaScript.load("ledger_v1.lua")
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
@@ -268,7 +264,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         ids = await self._command("ZRANGEBYSCORE", self._ledger_index, low, high)
         records: list[LedgerRecord] = []
         for start in range(0, len(ids), _CHUNK):
-            keys = [self._record_prefix + _text(i) for i in ids[start : start + _CHUNK]]
+            keys = [self._record_prefix + text(i) for i in ids[start : start + _CHUNK]]
             records += [_decode_record(raw) for raw in await self._command("MGET", *keys)]
         records.sort(key=lambda r: (r.ts_ms, r.id))
         return records
@@ -308,14 +304,14 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         reply = await self._eval(_RESERVE, keys, args)
         ok, kind, key, spent, reserved, retry_us = reply[:6]
         if int(ok):
-            soft = tuple(self._user_key(_text(k), self._budget_prefix) for k in reply[6:])
+            soft = tuple(self._user_key(text(k), self._budget_prefix) for k in reply[6:])
             return ReserveResult(ok=True, soft_exceeded=soft)
-        kind = _text(kind)
+        kind = text(kind)
         if kind == "budget":
             return ReserveResult(
                 ok=False,
                 kind="budget",
-                key=self._user_key(_text(key), self._budget_prefix),
+                key=self._user_key(text(key), self._budget_prefix),
                 state=BudgetState(int(spent), int(reserved)),
             )
         if kind == "rate":
@@ -323,7 +319,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             return ReserveResult(
                 ok=False,
                 kind="rate",
-                key=self._user_key(_text(key), self._rate_prefix),
+                key=self._user_key(text(key), self._rate_prefix),
                 retry_after_s=retry,
             )
         return ReserveResult(ok=False, kind="duplicate")
