@@ -75,14 +75,24 @@ from loadgen import BIG_PROMPT_BYTES
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
-TARGETS = ("direct", "bare", "metergate", "metergate-redis", "metergate-redis-budgets")
+TARGETS = (
+    "direct",
+    "bare",
+    "metergate",
+    "metergate-base",
+    "metergate-redis",
+    "metergate-redis-budgets",
+)
 LABELS = {
     "direct": "direct",
     "bare": "bare hop",
     "metergate": "Metergate",
+    "metergate-base": "MG base",
     "metergate-redis": "MG redis",
     "metergate-redis-budgets": "MG budgets",
 }
+#: The SQLite ledger file of each embedded-store target, in the run's temp dir.
+LEDGER_FILES = {"metergate": "ledger.db", "metergate-base": "ledger-base.db"}
 #: What a run measures without --targets: the original three, or all five (--budgets).
 DEFAULT_TARGETS = ("direct", "bare", "metergate")
 REDIS_TARGETS = ("metergate-redis", "metergate-redis-budgets")
@@ -921,6 +931,9 @@ def comparisons(targets: list[str]) -> list[tuple[str, str, str]]:
         out.append(("metergate-redis-budgets", "bare", "budgets vs bare"))
     if not out and "metergate" in targets and "bare" in targets:
         out.append(("metergate", "bare", "Metergate vs bare"))
+        if "metergate-base" in targets:
+            out.append(("metergate-base", "bare", "base vs bare"))
+            out.append(("metergate", "metergate-base", "Metergate vs base"))
     return out
 
 
@@ -1159,6 +1172,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "installed work tree; runs `python -m proxy.cli serve` from a git archive",
     )
     p.add_argument(
+        "--base-rev",
+        metavar="REV",
+        default="HEAD",
+        help="the commit the metergate-base target runs (default HEAD): with "
+        "--targets bare,metergate,metergate-base the table compares the work tree with "
+        "it side by side, in one run",
+    )
+    p.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -1220,6 +1241,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--metergate-rev {args.metergate_rev!r} is not a commit of this repository")
         args.metergate_commit = cp.stdout.strip()
     args.metergate_version = metergate_version(args.metergate_commit)
+    args.base_commit = None
+    if "metergate-base" in args.targets:
+        cp = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--verify", args.base_rev + "^{commit}"],
+            capture_output=True,
+            text=True,
+        )
+        if cp.returncode != 0:
+            p.error(f"--base-rev {args.base_rev!r} is not a commit of this repository")
+        args.base_commit = cp.stdout.strip()
     if any(t.startswith("metergate") for t in args.targets) and not args.metergate_rev:
         found = Path(sys.executable).parent / "metergate"
         if not found.exists():
@@ -1275,8 +1306,8 @@ def start_metergate(
     cfg = tmp / f"{name}.yaml"
     metergate_config(cfg, port, fake_port, store, not args.no_access_log, extra)
     serve = ["serve", "--config", str(cfg), "--log-level", "INFO"]
-    if args.metergate_rev:
-        src = args.metergate_src
+    src = args.base_src if name == "metergate-base" else args.metergate_src
+    if src is not None:
         mg = Proc(
             name,
             [sys.executable, "-m", "proxy.cli", *serve],
@@ -1298,9 +1329,11 @@ def start_targets(
     """Start the fake, Redis (for the Redis targets) and the proxies (appending each to
     ``procs`` at once, so the caller's ``finally`` stops it), wait until each is ready,
     and check each target."""
-    args.metergate_src = ROOT
+    args.metergate_src = args.base_src = None
     if args.metergate_rev and any(n.startswith("metergate") for n in args.targets):
         args.metergate_src = export_tree(args.metergate_commit, tmp / "metergate-src")
+    if args.base_commit:
+        args.base_src = export_tree(args.base_commit, tmp / "metergate-base-src")
     fake_port = free_port()
     up = f"http://127.0.0.1:{fake_port}"
     # --require-key: the fake refuses any other key, so Metergate must swap its key in.
@@ -1337,8 +1370,9 @@ def start_targets(
         tmap["bare"] = Target("bare", f"http://127.0.0.1:{port}/openai", UPSTREAM_KEY, bare)
     for name in (n for n in args.targets if n.startswith("metergate")):
         extra = ""
-        if name == "metergate":
-            store = f"sqlite:///{tmp / 'ledger.db'}" if args.store == "sqlite" else args.store
+        if name in LEDGER_FILES:
+            db = tmp / LEDGER_FILES[name]
+            store = f"sqlite:///{db}" if args.store == "sqlite" else args.store
         else:
             assert redis is not None
             ns = REDIS_NAMESPACES[name]
@@ -1657,10 +1691,11 @@ def _checks_one(
         out["metered_cost_usd"] = cost
     except (OSError, ValueError) as exc:
         out["metrics_error"] = str(exc)
-    if t.name == "metergate":
-        if (tmp / "ledger.db").exists():
+    if t.name in LEDGER_FILES:
+        ledger = tmp / LEDGER_FILES[t.name]
+        if ledger.exists():
             try:
-                with sqlite3.connect(f"file:{tmp / 'ledger.db'}?mode=ro", uri=True) as db:
+                with sqlite3.connect(f"file:{ledger}?mode=ro", uri=True) as db:
                     out["ledger_rows"] = db.execute("SELECT count(*) FROM ledger").fetchone()[0]
             except sqlite3.Error as exc:
                 out["ledger_error"] = str(exc)
@@ -1740,7 +1775,7 @@ def monitor_round_trips(b: Bench, seconds: float) -> dict[str, Any]:
     """
     assert b.redis is not None
     t = b.targets["metergate-redis-budgets"]
-    names = script_names(b.args.metergate_src)
+    names = script_names(b.args.metergate_src or ROOT)
     tag = ("{" + REDIS_NAMESPACES[t.name]).encode()
     sent: Counter[str] = Counter()
     in_scripts = 0

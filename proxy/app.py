@@ -26,6 +26,7 @@ from proxy.journal import Journal
 from proxy.key_ops import KeyConfig
 from proxy.key_watcher import IssuedKeys
 from proxy.ledger import LedgerWriter
+from proxy.ledger_spool import spool_for
 from proxy.metrics import Metrics
 from proxy.pipeline import Pipeline
 from proxy.pricing import Catalog
@@ -169,7 +170,16 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     except BaseException:
         await store.close()
         raise
-    writer = LedgerWriter(store)
+    # The SQLite store's records are durable once in its spool file (one write per loop
+    # iteration), so responses do not wait for a commit on the store's thread. Records
+    # a crashed process left in its spool were stored by store.open(); those of a
+    # sibling worker that crashes later are, within seconds, by spool.run_replay.
+    spool = spool_for(store)
+    spool_replay: asyncio.Task[None] | None = None
+    if spool is not None:
+        await asyncio.get_running_loop().run_in_executor(None, spool.open)
+        spool_replay = asyncio.get_running_loop().create_task(spool.run_replay(store))
+    writer = LedgerWriter(store, spool=spool)
     await writer.start()
     # Charges and records the store could not take (fail_open) wait in the journal and
     # are replayed, exactly once, as soon as the store answers again.
@@ -232,9 +242,12 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         await pipeline.drain()
         await gate.drain()
         await writer.close()
-        if replay is not None:
-            replay.cancel()
-            await asyncio.gather(replay, return_exceptions=True)
+        for task in (replay, spool_replay):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if spool is not None:
+            spool.close()
         if journal is not None:
             await journal.close()
         await session.close()

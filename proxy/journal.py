@@ -46,7 +46,7 @@ from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.base import Store
 
-__all__ = ["Journal", "ReplayReport"]
+__all__ = ["AppendFile", "Journal", "ReplayReport"]
 
 log = logging.getLogger("metergate.journal")
 
@@ -67,8 +67,8 @@ class ReplayReport:
     interrupted: bool = False
 
 
-class _File:
-    """One journal file open for appending, locked for this process."""
+class AppendFile:
+    """One journal (or ledger spool) file open for appending, locked for this process."""
 
     def __init__(self, path: Path) -> None:
         # Created and locked under a name replays do not look at, then renamed: a
@@ -95,10 +95,13 @@ class _File:
 class Journal:
     """A local append-only journal of charges (see the module docstring)."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str], *, fsync: bool = True, pattern: str = _PATTERN
+    ) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
-        self._file: _File | None = None
+        self.pattern = pattern  # the files replay() takes (the ledger spool has its own)
+        self._file: AppendFile | None = None
         self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._io_lock = asyncio.Lock()  # one writer or rotation at a time
@@ -166,7 +169,7 @@ class Journal:
         if self._file is None:
             self.directory.mkdir(parents=True, exist_ok=True)
             name = f"journal-{os.getpid()}-{time.time_ns()}.jsonl"
-            self._file = _File(self.directory / name)
+            self._file = AppendFile(self.directory / name)
         self._file.write(data, self.fsync)
 
     # -- replaying -------------------------------------------------------------------
@@ -177,7 +180,7 @@ class Journal:
             return True
         own = None if self._file is None else self._file.path
         try:
-            return any(p != own for p in self.directory.glob(_PATTERN))
+            return any(p != own for p in self.directory.glob(self.pattern))
         except OSError:
             return False
 
@@ -189,7 +192,7 @@ class Journal:
         """
         report = ReplayReport()
         async with self._replay_lock:
-            rotated: _File | None = None
+            rotated: AppendFile | None = None
             async with self._io_lock:
                 if self._file is not None and self._file.size:
                     # New entries go to a fresh file; we keep the lock on the old one.
@@ -217,7 +220,7 @@ class Journal:
         return report
 
     def _journal_files(self) -> list[Path]:
-        return sorted(self.directory.glob(_PATTERN))
+        return sorted(self.directory.glob(self.pattern))
 
     async def _replay_locked(self, path: Path, store: Store, report: ReplayReport) -> None:
         """Apply one file this process holds the lock of; delete it when complete."""

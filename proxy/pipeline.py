@@ -630,6 +630,15 @@ class Pipeline:
             log_line(access_log, orjson.dumps(_access_entry(record)).decode())
 
     async def _write_ledger(self, record: LedgerRecord) -> None:
+        written = self.writer.write_nowait(record)  # a future: no task per request
+        if self.writer.spooled:
+            # Durable once in the local spool file, which does not depend on the store
+            # (an OSError there falls back to waiting for the store, inside the writer).
+            try:
+                await written
+                return
+            except Exception as exc:
+                return await self._journal_record(record, exc)
         try:
             # Fix (found by tests/test_budget_faults.py): this was a plain 2 s wait_for,
             # so a slow (paused) Redis held every request for 2 s, far past
@@ -637,28 +646,31 @@ class Pipeline:
             # store_timeout_ms while the loop was free to listen; records queued behind
             # batches the store is still working through wait, up to the 2 s.
             await wait_for_store(
-                self.writer.write_nowait(record),  # a future: no task per request
+                written,
                 self.settings.store_timeout_ms / 1000.0,
                 answers=lambda: self.writer.batches + self.writer.failed_batches,
                 max_wait_s=LEDGER_WRITE_TIMEOUT_S,
             )
         except Exception as exc:
-            # The store failed or is too slow (Redis down, disk full). The client still
-            # gets its answer; the record goes to the local journal, which is replayed
-            # when the store is back (appends are idempotent by id, so a write that did
-            # land after all is not counted twice).
-            self.metrics.store_errors.labels("ledger_write").inc()
-            if self.journal is not None:
-                try:
-                    await self.journal.record_ledger([record])
-                    return
-                except OSError:
-                    pass
-            log.error(
-                "ledger write failed and no journal took it (%s); record: %s",
-                exc,
-                orjson.dumps(record.to_dict()).decode(),
-            )
+            await self._journal_record(record, exc)
+
+    async def _journal_record(self, record: LedgerRecord, exc: Exception) -> None:
+        """The store failed or is too slow (Redis down, disk full). The client still
+        gets its answer; the record goes to the local journal, which is replayed when
+        the store is back (appends are idempotent by id, so a write that did land after
+        all is not counted twice)."""
+        self.metrics.store_errors.labels("ledger_write").inc()
+        if self.journal is not None:
+            try:
+                await self.journal.record_ledger([record])
+                return
+            except OSError:
+                pass
+        log.error(
+            "ledger write failed and no journal took it (%s); record: %s",
+            exc,
+            orjson.dumps(record.to_dict()).decode(),
+        )
 
     async def _settle(self, ex: Exchange) -> None:
         """Settle the request's reservation exactly once.

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
@@ -194,6 +195,9 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
             )
         self.path = str(path)
         self.synchronous = mode
+        #: Run (on the loop) before each call: the ledger spool's writer hands over the
+        #: records it is gathering, so every call sees them (proxy.ledger_spool).
+        self.before_call: Callable[[], None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         # Touched only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
@@ -237,6 +241,8 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
         """Run ``fn`` on the connection's thread; translate SQLite failures once, here."""
         if self._executor is None:
             raise RuntimeError("The SQLite store is not open; call `await store.open()` first.")
+        if self.before_call is not None:
+            self.before_call()
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
         except sqlite3.Error as exc:
@@ -252,13 +258,28 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
 
     # -- lifecycle ---------------------------------------------------------------------
 
+    @property
+    def ledger_spool_dir(self) -> str | None:
+        """Where a proxy spools this database's ledger records (see
+        :mod:`proxy.ledger_spool`): ``<db>.ledger-spool``, at ``synchronous=normal`` on
+        a file; None otherwise."""
+        if self.synchronous != "normal" or self.path == ":memory:":
+            return None
+        return self.path + ".ledger-spool"
+
     async def open(self) -> None:
-        """Create the file (and its directory) if missing, set WAL, migrate the schema."""
+        """Create the file (and its directory) if missing, set WAL, migrate the schema,
+        and store the records a crashed proxy left in its ledger spool."""
         if self._executor is not None:
             raise RuntimeError("The SQLite store is already open.")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="metergate-sqlite")
         try:
             await self._run(self._open_sync)
+            spool_dir = self.ledger_spool_dir
+            if spool_dir is not None and await self._run(os.path.isdir, spool_dir):
+                from proxy.ledger_spool import LedgerSpool  # (it imports this module)
+
+                await LedgerSpool(spool_dir, self).replay(self)
         except BaseException:
             await self._shutdown()
             raise
@@ -337,6 +358,14 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
         if not records:
             return
         await self._run(self._append_sync, list(records))
+
+    def submit_ledger(self, records: Sequence[LedgerRecord]) -> Future[None]:
+        """:meth:`append_ledger` queued on the store's thread now, not when a task
+        first runs: a call made after this one sees the records. For the ledger
+        spool (:mod:`proxy.ledger_spool`); errors are sqlite3's own."""
+        if self._executor is None:
+            raise RuntimeError("The SQLite store is not open; call `await store.open()` first.")
+        return self._executor.submit(self._append_sync, list(records))
 
     def _append_sync(self, records: list[LedgerRecord]) -> None:
         conn = self._connection()
