@@ -773,6 +773,16 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             f"The request body is {request.content_length} bytes; this proxy accepts at most "
             f"{limit} bytes."
         )
+    content = request.content
+    if content.is_eof() and not content.exception():
+        # The whole body is already here (every small request): take it in one join,
+        # without read()'s loop, bytearray and second copy.
+        body = content.read_nowait()
+        if len(body) <= limit:
+            return body
+        raise PayloadTooLarge(
+            f"The request body is larger than this proxy's limit of {limit} bytes."
+        )
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
