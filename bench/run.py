@@ -1230,27 +1230,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("the Redis targets need redis-server (on PATH, or --redis-server PATH)")
     args.wrk = None if args.no_wrk else shutil.which("wrk")
     args.metergate_bin = None
+    # Commits are pinned now: the branch may move while the run goes on.
     args.metergate_commit = None
-    if args.metergate_rev:  # pinned now: the branch may move while the run goes on
-        cp = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--verify", args.metergate_rev + "^{commit}"],
-            capture_output=True,
-            text=True,
-        )
-        if cp.returncode != 0:
-            p.error(f"--metergate-rev {args.metergate_rev!r} is not a commit of this repository")
-        args.metergate_commit = cp.stdout.strip()
+    if args.metergate_rev:
+        args.metergate_commit = resolve_commit(p, "--metergate-rev", args.metergate_rev)
     args.metergate_version = metergate_version(args.metergate_commit)
     args.base_commit = None
     if "metergate-base" in args.targets:
-        cp = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--verify", args.base_rev + "^{commit}"],
-            capture_output=True,
-            text=True,
-        )
-        if cp.returncode != 0:
-            p.error(f"--base-rev {args.base_rev!r} is not a commit of this repository")
-        args.base_commit = cp.stdout.strip()
+        args.base_commit = resolve_commit(p, "--base-rev", args.base_rev)
     if any(t.startswith("metergate") for t in args.targets) and not args.metergate_rev:
         found = Path(sys.executable).parent / "metergate"
         if not found.exists():
@@ -1622,6 +1609,18 @@ def wait_quiet(b: Bench, max_wait: float) -> None:
             return
         print(f"    waiting: other processes use {other:.0f}% of a CPU", flush=True)
         time.sleep(1.0)
+
+
+def resolve_commit(p: argparse.ArgumentParser, flag: str, rev: str) -> str:
+    """The full hash of ``rev``, or exit with an error naming ``flag``."""
+    cp = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--verify", rev + "^{commit}"],
+        capture_output=True,
+        text=True,
+    )
+    if cp.returncode != 0:
+        p.error(f"{flag} {rev!r} is not a commit of this repository")
+    return cp.stdout.strip()
 
 
 def export_tree(rev: str, dest: Path) -> Path:
