@@ -9,8 +9,13 @@ The request path (the pipeline's part)::
     await gate.release(reservation)
 
 :class:`BudgetGate` turns the specs that match into store items (one budget key per
-spec and period, see :func:`proxy.budget.budget_key`) and makes ONE store call per
-phase; a request that no budget matches makes none.
+spec and period, see :func:`proxy.budget.budget_key`); a request that no budget
+matches makes no store call. The reserves, settles and releases of concurrent requests
+go to the store together, as ONE call per batch (:mod:`proxy.budget_batch`,
+:meth:`~proxy.store.base.Store.budget_batch`): while one batch is in flight the next
+one fills, so under load a request costs a fraction of a round trip, and when idle a
+call leaves in the next turn of the event loop. Each reservation of a batch is still
+checked and held all or nothing on its own, in order, in one atomic step.
 
 Guarantees, and where they stop:
 
@@ -37,7 +42,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -53,8 +58,17 @@ from proxy.budget import (
     period_window,
     rate_key,
 )
+from proxy.budget_batch import GroupCommit
 from proxy.errors import BudgetExceeded, RateLimited, StoreUnavailable
-from proxy.store.base import BudgetState, RateItem, ReserveItem, Store
+from proxy.store.base import (
+    BudgetState,
+    RateItem,
+    ReserveCall,
+    ReserveItem,
+    ReserveResult,
+    SettleCall,
+    Store,
+)
 
 if TYPE_CHECKING:
     from proxy.journal import Journal
@@ -76,6 +90,9 @@ DEFAULT_RESERVATION_TTL_S: Final = 900.0
 #: event loop is busy elsewhere (a burst queued in this process); see _await_store.
 STORE_MAX_WAIT_S: Final = 2.0
 _T = TypeVar("_T")
+#: What a batched store call gives each caller: a reserve's result, whether a settle
+#: was applied, or the exception of that call (returned, not raised: see _flush).
+_Outcome = ReserveResult | bool | Exception
 _NANOS_PER_USD: Final = 1_000_000_000
 
 
@@ -112,17 +129,41 @@ class BudgetGate:
         self.lost_settles = 0
         # Store calls that completed (the store's signs of life, see wait_for_store).
         self.store_answers = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Group commit: the reserves, settles and releases of concurrent requests go to
+        # the store as one call per batch (see proxy.budget_batch and _flush).
+        self._batch: GroupCommit[ReserveCall | SettleCall, _Outcome] = GroupCommit(
+            self._flush, name="metergate-budget-batch"
+        )
+        # spec -> (spec, window start, window end (unix s), window, budget key): the
+        # current period of each spec, valid until its end (see _current_window).
+        self._windows: dict[int, tuple[BudgetSpec, float, float, PeriodWindow, str]] = {}
 
     async def drain(self) -> None:
-        """Wait for settles still running after their callers were cancelled; call it at
-        shutdown, before closing the store and the journal."""
-        while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Wait for queued reserves and settles (also those whose callers were
+        cancelled); call it at shutdown, before closing the store and the journal."""
+        await self._batch.drain()
 
     def replace_specs(self, specs: Sequence[BudgetSpec]) -> None:
         """Swap the budgets at run time; requests in flight keep their reservations."""
         self.specs = tuple(specs)
+        self._windows = {}
+
+    def _current_window(self, spec: BudgetSpec, now: datetime | None) -> tuple[PeriodWindow, str]:
+        """The period of ``spec`` that contains ``now``, and its budget key. Without an
+        explicit ``now`` it is computed once per spec and period, not per request."""
+        if now is not None:
+            window = period_window(spec, now)
+            return window, budget_key(spec, window)
+        t = time.time()
+        cached = self._windows.get(id(spec))
+        if cached is not None and cached[0] is spec and cached[1] <= t < cached[2]:
+            return cached[3], cached[4]
+        window = period_window(spec)
+        key = budget_key(spec, window)
+        start = -math.inf if window.start is None else window.start.timestamp()
+        end = math.inf if window.end is None else window.end.timestamp()
+        self._windows[id(spec)] = (spec, start, end, window, key)
+        return window, key
 
     def applicable(self, facts: RequestFacts) -> tuple[BudgetSpec, ...]:
         """The budgets whose scope matches the request."""
@@ -142,7 +183,9 @@ class BudgetGate:
 
         Raises :class:`BudgetExceeded` (402) or :class:`RateLimited` (429); when the store
         fails or is slower than ``store_timeout_s``: :class:`StoreUnavailable` (503) under
-        fail_closed, else admits the request with nothing held.
+        fail_closed, else admits the request with nothing held. The call goes with the
+        gate's next batch; ``store_timeout_s`` bounds each batch (see wait_for_store), so
+        a call queued behind a batch in flight waits at most about twice that.
         """
         specs = self.applicable(facts)
         items: list[ReserveItem] = []
@@ -150,8 +193,7 @@ class BudgetGate:
         rates: list[RateItem] = []
         for spec in specs:
             if spec.limit_nanos is not None:
-                window = period_window(spec, now)
-                key = budget_key(spec, window)
+                window, key = self._current_window(spec, now)
                 windows[key] = (spec, window)
                 items.append(
                     ReserveItem(key, spec.limit_nanos, amount_nanos, spec.enforce == "hard")
@@ -171,19 +213,20 @@ class BudgetGate:
         )
         if not items and not rates:
             return reservation  # no budget applies: no store call at all
-        try:
-            result = await self._await_store(
-                self.store.reserve(request_id, items, self.reservation_ttl_s, rates=rates)
-            )
-        except (StoreUnavailable, TimeoutError) as exc:
-            self.store_errors += 1
+        result = await self._batch.submit(
+            ReserveCall(request_id, items, self.reservation_ttl_s, rates)
+        )
+        if isinstance(result, (StoreUnavailable, TimeoutError)):
             if self.on_store_error == "fail_closed":
                 raise StoreUnavailable(
                     "The budget store is unavailable, and this proxy refuses requests it "
                     "cannot check against their budgets. Try again shortly."
-                ) from exc
-            log.warning("budget store unavailable, admitting %s unchecked: %s", request_id, exc)
+                ) from result
+            log.warning("budget store unavailable, admitting %s unchecked: %s", request_id, result)
             return reservation
+        if isinstance(result, Exception):
+            raise result  # a malformed call (a bug): ValueError or TypeError
+        assert isinstance(result, ReserveResult)
         if result.ok:
             reservation.store_held = True
             reservation.soft_exceeded = tuple(
@@ -215,6 +258,79 @@ class BudgetGate:
         self.store_answers += 1
         return result
 
+    async def _flush(
+        self, batch: list[tuple[ReserveCall | SettleCall, asyncio.Future[_Outcome]]]
+    ) -> None:
+        """One store call for a batch of reserves, settles and releases (see
+        :class:`GroupCommit`).
+
+        A reserve whose caller is gone before it was sent is not sent; one whose caller
+        went away while it was in flight is released, so that its hold does not wait
+        for its ttl. Settles run whether or not their callers still wait (a charge is
+        never dropped): those the store did not take go to the journal, each exactly
+        once. Failed releases are only logged (their holds expire after the ttl)."""
+        reserves: list[tuple[ReserveCall, asyncio.Future[_Outcome]]] = []
+        settles: list[tuple[SettleCall, asyncio.Future[_Outcome]]] = []
+        for call, future in batch:
+            if isinstance(call, SettleCall):
+                settles.append((call, future))
+            elif not future.done():
+                reserves.append((call, future))
+        if not reserves and not settles:
+            return
+        reserved: Sequence[ReserveResult | Exception]
+        settled: Sequence[bool | Exception]
+        try:
+            reserved, settled = await self._await_store(
+                self.store.budget_batch([c for c, _ in reserves], [c for c, _ in settles])
+            )
+        except (StoreUnavailable, TimeoutError) as exc:
+            reserved, settled = [exc] * len(reserves), [exc] * len(settles)
+        for (call, future), result in zip(reserves, reserved, strict=True):
+            if isinstance(result, (StoreUnavailable, TimeoutError)):
+                self.store_errors += 1
+            if not future.done():
+                future.set_result(result)
+            elif isinstance(result, ReserveResult) and result.ok:
+                self._batch.submit(SettleCall(call.reservation_id, release=True))
+        failed: list[tuple[SettleCall, asyncio.Future[_Outcome], Exception]] = []
+        for (settle, future), outcome in zip(settles, settled, strict=True):
+            if isinstance(outcome, (StoreUnavailable, TimeoutError)):
+                self.store_errors += 1
+                if not settle.release:
+                    failed.append((settle, future, outcome))
+                    continue
+                log.warning(
+                    "release of %s failed; it expires on its own: %s",
+                    settle.reservation_id,
+                    outcome,
+                )
+            if not future.done():
+                future.set_result(outcome)
+        if failed:
+            journaled = await asyncio.gather(
+                *(self._journal_settle(settle, exc) for settle, _, exc in failed)
+            )
+            for (_, future, _), outcome in zip(failed, journaled, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+
+    async def _journal_settle(self, call: SettleCall, exc: Exception) -> bool | Exception:
+        """Write a settle the store did not take to the journal; False when journaled."""
+        reason: BaseException = exc
+        if self.journal is not None:
+            assert isinstance(call.actual, Mapping)  # the gate settles by key
+            try:
+                await self.journal.record_settle(call.reservation_id, call.actual, call.tokens)
+                return False
+            except OSError as journal_exc:
+                reason = journal_exc
+        self.lost_settles += 1
+        log.error(
+            "the settle of %s is lost (store and journal failed): %s", call.reservation_id, reason
+        )
+        return exc
+
     @staticmethod
     def _exceeded(
         spec: BudgetSpec, window: PeriodWindow, state: BudgetState, amount: int
@@ -240,52 +356,46 @@ class BudgetGate:
         estimate and count when usage is not exact. Never raises for store failures:
         a settle that cannot reach the store goes to the journal (replayed later).
         Cancelling the caller (a client that disconnects) does not cancel the charge:
-        it runs to its end in a task of its own.
+        it is queued in the gate's settle batch, which runs it regardless.
         """
+        settling = self.settle_nowait(reservation, actual_nanos, tokens=tokens)
+        if settling is not None:
+            result = await settling
+            if isinstance(result, (ValueError, TypeError)):
+                raise result  # a malformed amount (a bug)
+
+    def settle_nowait(
+        self, reservation: Reservation, actual_nanos: int, *, tokens: int | None = None
+    ) -> asyncio.Future[_Outcome] | None:
+        """:meth:`settle`, queued: the charge goes with the gate's next batch whether or
+        not anyone awaits the returned future (None when there was nothing to settle).
+        The future completes once the store applied it or the journal took it; awaiting
+        it costs no task, so a caller can wait for it next to other work."""
         if reservation.done:
-            return
+            return None
         reservation.done = True
         if not reservation.keys and not reservation.has_rates:
-            return
-        task = asyncio.create_task(self._settle(reservation, actual_nanos, tokens))
-        self._tasks.add(task)  # a strong reference until it is done
-        task.add_done_callback(self._tasks.discard)
-        await asyncio.shield(task)
-
-    async def _settle(
-        self, reservation: Reservation, actual_nanos: int, tokens: int | None
-    ) -> None:
-        charges = dict.fromkeys(reservation.keys, actual_nanos)
-        try:
-            await self._await_store(self.store.settle(reservation.id, charges, tokens=tokens))
-        except (StoreUnavailable, TimeoutError) as exc:
-            self.store_errors += 1
-            reason: BaseException = exc
-            if self.journal is not None:
-                try:
-                    await self.journal.record_settle(reservation.id, charges, tokens)
-                    return
-                except OSError as journal_exc:
-                    reason = journal_exc
-            self.lost_settles += 1
-            log.error(
-                "the settle of %s is lost (store and journal failed): %s", reservation.id, reason
-            )
+            return None
+        return self._batch.submit(
+            SettleCall(reservation.id, dict.fromkeys(reservation.keys, actual_nanos), tokens=tokens)
+        )
 
     async def release(self, reservation: Reservation) -> None:
         """Drop the holds of a request that cost nothing (never reached the upstream).
         A failed release is only logged: the hold then expires after its ttl."""
+        releasing = self.release_nowait(reservation)
+        if releasing is not None:
+            await releasing
+
+    def release_nowait(self, reservation: Reservation) -> asyncio.Future[_Outcome] | None:
+        """:meth:`release`, queued (see :meth:`settle_nowait`)."""
         if reservation.done:
-            return
+            return None
         reservation.done = True
         if not reservation.keys and not reservation.has_rates:
-            return  # no budget applied: nothing to give back
+            return None  # no budget applied: nothing to give back
         # Even when store_held is False, a reserve that timed out may have landed.
-        try:
-            await self._await_store(self.store.release(reservation.id))
-        except (StoreUnavailable, TimeoutError) as exc:
-            self.store_errors += 1
-            log.warning("release of %s failed; it expires on its own: %s", reservation.id, exc)
+        return self._batch.submit(SettleCall(reservation.id, release=True))
 
     async def status(self, now: datetime | None = None) -> list[BudgetStatus]:
         """Every budget with a spend limit: current period, key and counters."""

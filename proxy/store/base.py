@@ -64,6 +64,7 @@ from typing import Any, Final, Literal, NamedTuple
 
 import orjson
 
+from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import GROUP_COLUMNS, ReportRow, aggregate
 
@@ -75,8 +76,10 @@ __all__ = [
     "BudgetState",
     "RateItem",
     "ReportRow",
+    "ReserveCall",
     "ReserveItem",
     "ReserveResult",
+    "SettleCall",
     "Store",
     "alert_entry_id",
     "decode_spec_docs",
@@ -164,6 +167,27 @@ class ReserveResult:
     state: BudgetState | None = None
     retry_after_s: float | None = None
     soft_exceeded: tuple[str, ...] = ()
+
+
+class ReserveCall(NamedTuple):
+    """The arguments of one :meth:`Store.reserve`, for :meth:`Store.reserve_many`."""
+
+    reservation_id: str
+    items: Sequence[ReserveItem]
+    ttl_s: float
+    rates: Sequence[RateItem] = ()
+
+
+class SettleCall(NamedTuple):
+    """The arguments of one :meth:`Store.settle` (or, with ``release`` True, of one
+    :meth:`Store.release`, which ignores the other fields), for
+    :meth:`Store.settle_many`."""
+
+    reservation_id: str
+    actual: int | Mapping[str, int] = 0
+    keys: Sequence[str] = ()
+    tokens: int | None = None
+    release: bool = False
 
 
 def _check_amount(value: int, what: str) -> None:
@@ -367,6 +391,58 @@ class Store(ABC):
         """Drop the reservation's holds and give back its rate units: the request cost
         nothing (refused, or failed before reaching the upstream). A later settle of
         the id is a no-op. Returns False when there was nothing held to release."""
+
+    # -- batches: what the budget gate sends under load (group commit) --------------
+
+    async def reserve_many(self, calls: Sequence[ReserveCall]) -> list[ReserveResult | Exception]:
+        """Run each call as :meth:`reserve` would, in order, each all or nothing on its
+        own: a refusal refuses that call only, and a later call sees the holds of the
+        earlier ones. One result per call; a call's exception (ValueError or TypeError
+        for malformed arguments, StoreUnavailable when the store failed, in which case
+        the call may or may not have been applied, as when :meth:`reserve` raises) is
+        returned in its place, not raised.
+
+        This default runs the calls one by one; backends with a cheaper way (one Redis
+        script, one transaction) override it."""
+        results: list[ReserveResult | Exception] = []
+        for call in calls:
+            try:
+                result = await self.reserve(
+                    call.reservation_id, call.items, call.ttl_s, rates=call.rates
+                )
+            except (ValueError, TypeError, StoreUnavailable) as exc:
+                results.append(exc)
+            else:
+                results.append(result)
+        return results
+
+    async def settle_many(self, calls: Sequence[SettleCall]) -> list[bool | Exception]:
+        """Run each call as :meth:`settle` (or :meth:`release`) would, in order; one
+        result per call, exceptions returned in place as in :meth:`reserve_many`."""
+        results: list[bool | Exception] = []
+        for call in calls:
+            try:
+                if call.release:
+                    done = await self.release(call.reservation_id)
+                else:
+                    done = await self.settle(
+                        call.reservation_id, call.actual, keys=call.keys, tokens=call.tokens
+                    )
+            except (ValueError, TypeError, StoreUnavailable) as exc:
+                results.append(exc)
+            else:
+                results.append(done)
+        return results
+
+    async def budget_batch(
+        self, reserves: Sequence[ReserveCall], settles: Sequence[SettleCall]
+    ) -> tuple[list[ReserveResult | Exception], list[bool | Exception]]:
+        """:meth:`settle_many` of ``settles``, then :meth:`reserve_many` of ``reserves``,
+        with their results: what the budget gate sends per batch. Backends may run both
+        in one step (Redis: one script call)."""
+        settled = await self.settle_many(settles) if settles else []
+        reserved = await self.reserve_many(reserves) if reserves else []
+        return reserved, settled
 
     @abstractmethod
     async def budget_states(self, keys: Sequence[str]) -> dict[str, BudgetState]:

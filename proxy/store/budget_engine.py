@@ -2,9 +2,10 @@
 
 The memory and SQLite stores run these functions inside their one critical section (a
 synchronous block, a ``BEGIN IMMEDIATE`` transaction) over a :class:`BudgetTx`, the
-small accessor each backend implements. The Redis scripts (``lua/reserve_v1.lua``,
-``lua/settle_v1.lua``) are line-for-line twins of :func:`reserve` and :func:`settle`;
-the contract suite checks that all backends answer alike.
+small accessor each backend implements. The Redis script (``lua/budget_v2.lua``) is
+the twin of :func:`reserve`, :func:`settle` and :func:`release`, applied to a batch of
+them one after the other in one atomic step; the contract suite checks that all
+backends answer alike.
 
 Every step is read all, check all, write all: nothing is written before every check
 has passed, so a refusal leaves no trace.

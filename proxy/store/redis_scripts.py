@@ -1,7 +1,7 @@
 """Lua scripts of the Redis store, loaded from package data (``proxy/store/lua``).
 
 Each script's header documents its keys and arguments; the version is in the file
-name (``reserve_v1.lua``), and a changed behaviour is a new file, so that replicas of
+name (``budget_v2.lua``), and a changed behaviour is a new file, so that replicas of
 two releases can run side by side during a deploy.
 """
 

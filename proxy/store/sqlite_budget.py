@@ -17,12 +17,15 @@ from typing import Any, Final, TypeVar
 
 import orjson
 
+from proxy.errors import StoreUnavailable
 from proxy.store import budget_engine as engine
 from proxy.store.base import (
     BudgetState,
     RateItem,
+    ReserveCall,
     ReserveItem,
     ReserveResult,
+    SettleCall,
     Store,
     decode_spec_docs,
     encode_spec_doc,
@@ -34,6 +37,7 @@ from proxy.store.budget_engine import Held
 __all__ = ["BUDGET_DDL", "SPECS_DDL", "SqliteBudgetMethods", "SqliteBudgets"]
 
 _T = TypeVar("_T")
+_NOT_RUN: Final = ReserveResult(ok=False)  # a batch slot until its transaction ran
 
 # Appended to the store's migrations as one step. Amounts are INTEGER (64-bit, exact).
 BUDGET_DDL: Final = (
@@ -204,6 +208,58 @@ class SqliteBudgetMethods(Store):
             self._budget_sync,
             lambda tx, now: engine.release(tx, reservation_id, now, retention_us),
         )
+
+    async def budget_batch(
+        self, reserves: Sequence[ReserveCall], settles: Sequence[SettleCall]
+    ) -> tuple[list[ReserveResult | Exception], list[bool | Exception]]:
+        """See :meth:`Store.budget_batch`: one ``BEGIN IMMEDIATE`` transaction for the
+        whole batch (settles first), instead of one per call."""
+        reserved: list[ReserveResult | Exception] = []
+        settled: list[bool | Exception] = []
+        ready_reserves: list[tuple[int, ReserveCall, int]] = []  # (slot, call, ttl_us)
+        for call in reserves:
+            try:
+                validate_reserve(call.reservation_id, call.items, call.rates, call.ttl_s)
+            except (ValueError, TypeError) as exc:
+                reserved.append(exc)
+                continue
+            ready_reserves.append((len(reserved), call, max(1, round(call.ttl_s * 1e6))))
+            reserved.append(_NOT_RUN)
+        ready_settles: list[tuple[int, SettleCall]] = []
+        for settle in settles:
+            try:
+                if not settle.release:
+                    validate_settle(settle.reservation_id, settle.actual, settle.keys)
+                elif not settle.reservation_id:
+                    raise ValueError("A release needs the reservation's id.")
+            except (ValueError, TypeError) as exc:
+                settled.append(exc)
+                continue
+            ready_settles.append((len(settled), settle))
+            settled.append(False)
+        if not ready_reserves and not ready_settles:
+            return reserved, settled
+        retention_us = round(self.settled_retention_s * 1e6)
+
+        def step(tx: SqliteBudgets, now: int) -> None:
+            for slot, s in ready_settles:
+                if s.release:
+                    settled[slot] = engine.release(tx, s.reservation_id, now, retention_us)
+                else:
+                    settled[slot] = engine.settle(
+                        tx, s.reservation_id, s.actual, s.keys, s.tokens, now, retention_us
+                    )
+            for slot, r, ttl_us in ready_reserves:
+                reserved[slot] = engine.reserve(tx, r.reservation_id, r.items, r.rates, ttl_us, now)
+
+        try:
+            await self._run(self._budget_sync, step)
+        except StoreUnavailable as exc:  # the transaction was rolled back: nothing applied
+            for slot, _, _ in ready_reserves:
+                reserved[slot] = exc
+            for slot, _ in ready_settles:
+                settled[slot] = exc
+        return reserved, settled
 
     async def budget_states(self, keys: Sequence[str]) -> dict[str, BudgetState]:
         """See :meth:`Store.budget_states`."""

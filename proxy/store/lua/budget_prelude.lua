@@ -1,9 +1,10 @@
--- budget_prelude.lua: shared by reserve_v1.lua and settle_v1.lua, spliced in where
--- they say `-- #include budget_prelude.lua` (Redis scripts cannot import). It reads the
--- server's clock and defines the expiry sweep; a change here is a change of both
--- scripts, and so a new version of both.
+-- budget_prelude.lua: the server's clock and the expiry sweep of the budget scripts
+-- (budget_v2.lua), spliced in where they say `-- #include budget_prelude.lua` (Redis
+-- scripts cannot import). A change here changes every script that includes it, and so
+-- is a new version of each.
 
 local WINDOW_US = 60000000
+local MAX_EXACT = 9007199254740991  -- 2^53 - 1: the largest integer a double holds exactly
 
 local t = redis.call('TIME')
 local now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
