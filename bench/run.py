@@ -43,6 +43,7 @@ and ``py-spy`` are used when installed; the Redis targets need ``redis-server``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import json
@@ -451,10 +452,15 @@ def metered_requests(t: Target) -> int:
 
 
 def script_names(src: Path) -> dict[str, str]:
-    """SHA1 -> name of the store's Lua scripts, as EVALSHA names them."""
+    """SHA1 -> name of the store's Lua scripts, as EVALSHA names them: the raw file's,
+    and, for the work tree's scripts, the one the store loads (with its prelude)."""
+    from proxy.store.redis_scripts import LuaScript
+
     out = {}
     for f in sorted((src / "proxy" / "store" / "lua").glob("*.lua")):
         out[hashlib.sha1(f.read_text("utf-8").encode()).hexdigest()] = f.stem
+        with contextlib.suppress(OSError, ValueError):
+            out[LuaScript.load(f.name).sha] = f.stem
     return out
 
 

@@ -22,7 +22,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from proxy.pricing import Price, cost_nanos
+from proxy.pricing import TOKENS_PER_RATE_UNIT, Price
 from proxy.store.base import MAX_NANOS, BudgetState
 from proxy.usage import Usage
 
@@ -203,13 +203,14 @@ def worst_case_nanos(price: Price, input_tokens: int, output_tokens: int) -> int
     ``output_tokens`` is the request's max_tokens, or the model's output limit.
     """
     i, o = max(input_tokens, 0), max(output_tokens, 0)
-    # (cache_write, cache_write_1h): none, all as 5-minute writes, all as 1-hour writes.
-    writes: tuple[tuple[int | None, int | None], ...] = ((None, None), (i, None), (i, i))
-    return max(
-        cost_nanos(price, Usage(input=i, cache_write=w, cache_write_1h=w1h, output=o, reasoning=r))
-        for w, w1h in writes
-        for r in (0, o)
+    # The same as the largest cost_nanos over "no / all 5-minute / all 1-hour cache
+    # writes" x "no / all reasoning" (the input and output choices are independent and
+    # rounding up is monotonic), in one product per side instead of six costings.
+    rates = price.rates_for(Usage(input=i))  # the tier depends on the input alone
+    total = i * max(rates.input, rates.cache_write, rates.cache_write_1h) + o * max(
+        rates.output, rates.reasoning
     )
+    return (total + TOKENS_PER_RATE_UNIT - 1) // TOKENS_PER_RATE_UNIT
 
 
 # ─────────────────────────────────── configuration ───────────────────────────────────

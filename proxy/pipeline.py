@@ -617,11 +617,13 @@ class Pipeline:
             error=ex.error,
             extra=extra,
         )
-        if ex.reservation is None:
-            await self._write_ledger(record)  # no settle: spare gather's two tasks
-        else:
-            # The budget settle and the ledger write are independent: run them together.
-            await asyncio.gather(self._write_ledger(record), self._settle(ex))
+        # The settle joins the gate's next store batch at once (no task); the ledger
+        # write runs meanwhile, and the charge is applied even if this caller is
+        # cancelled while it waits.
+        settling = self._settle_nowait(ex)
+        await self._write_ledger(record)
+        if settling is not None:
+            await settling
         self._observe(ex, outcome=_outcome(ex))
         self.metrics.observe_done(
             ex.upstream.name, latency_ms / 1000.0, max(0.0, latency_ms / 1000.0 - ex.upstream_wait)
@@ -672,8 +674,9 @@ class Pipeline:
             orjson.dumps(record.to_dict()).decode(),
         )
 
-    async def _settle(self, ex: Exchange) -> None:
-        """Settle the request's reservation exactly once.
+    def _settle_nowait(self, ex: Exchange) -> asyncio.Future[Any] | None:
+        """Queue the settle of the request's reservation, exactly once; the future
+        completes when the store applied it or the journal took it.
 
         Never reached the upstream: release it. Usage known exactly, or the provider
         answered with an error (it bills nothing): charge that. Otherwise (a broken
@@ -681,10 +684,9 @@ class Pipeline:
         what the provider bills but never streams, such as reasoning tokens."""
         res = ex.reservation
         if res is None or self.gate is None:
-            return
+            return None
         if not ex.sent:
-            await self.gate.release(res)
-            return
+            return self.gate.release_nowait(res)
         usage = ex.usage
         tokens = (usage.input or 0) + (usage.output or 0) if usage else res.tokens
         if usage is not None and usage.exact:
@@ -693,7 +695,7 @@ class Pipeline:
             charge = 0
         else:
             charge = max(ex.cost_nanos, res.amount_nanos)
-        await self.gate.settle(res, charge, tokens=tokens)
+        return self.gate.settle_nowait(res, charge, tokens=tokens)
 
     def _observe(self, ex: Exchange, *, outcome: str) -> None:
         team = (ex.caller.team if ex.caller else None) or "none"
