@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry
 from proxy.admin import setup_admin
 from proxy.admin_keys import KeyRoutes
 from proxy.alerts import AlertService
-from proxy.budget_gate import BudgetGate
+from proxy.budget_gate import BudgetGate, wait_for_store
 from proxy.budget_specs import SpecWatcher
 from proxy.callers import KeyRing
 from proxy.errors import NotFound, StoreUnavailable
@@ -179,7 +179,15 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     if spool is not None:
         await asyncio.get_running_loop().run_in_executor(None, spool.open)
         spool_replay = asyncio.get_running_loop().create_task(spool.run_replay(store))
-    writer = LedgerWriter(store, spool=spool)
+    writer = LedgerWriter(
+        store,
+        spool=spool,
+        bound=lambda call: wait_for_store(
+            call,
+            settings.store_timeout_ms / 1000.0,
+            answers=lambda: writer.batches + writer.failed_batches,
+        ),
+    )
     await writer.start()
     # Charges and records the store could not take (fail_open) wait in the journal and
     # are replayed, exactly once, as soon as the store answers again.

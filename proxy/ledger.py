@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -102,9 +102,10 @@ class LedgerWriter:
     instead of N, and when idle a record is written at once, with no timer to wait for.
 
     A failing store call fails exactly the writes of that batch, with the store's
-    exception; the writer keeps running and the next batch tries again. The queue is
-    not bounded here: each ``write()`` caller is a request in flight, so concurrency
-    limits elsewhere bound it; ``write_nowait`` callers must bound themselves.
+    exception (or ``bound``'s TimeoutError); the writer keeps running and the next batch
+    tries again. The queue is not bounded here: each ``write()`` caller is a request in
+    flight, so concurrency limits elsewhere bound it; ``write_nowait`` callers must
+    bound themselves.
 
     With a :class:`~proxy.ledger_spool.LedgerSpool` (the SQLite store), a record is
     durable once the spool has it: records queued during one loop iteration are written
@@ -120,13 +121,21 @@ class LedgerWriter:
     """
 
     def __init__(
-        self, store: Store, *, max_batch: int = 512, spool: LedgerSpool | None = None
+        self,
+        store: Store,
+        *,
+        max_batch: int = 512,
+        spool: LedgerSpool | None = None,
+        bound: Callable[[Awaitable[None]], Awaitable[None]] | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, not {max_batch}.")
         self._store = store
         self._max_batch = max_batch
         self._spool = spool
+        # Wraps each store call, e.g. to give up on a store that stopped answering (the
+        # app passes budget_gate.wait_for_store): one timer per batch, not per record.
+        self._bound = bound
         self._spooling: list[_Pending] = []
         self._submitted: set[asyncio.Future[None]] = set()  # spooled batches in the store
         self._unsubmitted: list[LedgerRecord] = []  # spooled, not yet handed to the store
@@ -293,7 +302,8 @@ class LedgerWriter:
                 take = min(len(self._pending), self._max_batch)
                 batch = [self._pending.popleft() for _ in range(take)]
                 try:
-                    await self._store.append_ledger([record for record, _, _ in batch])
+                    call = self._store.append_ledger([record for record, _, _ in batch])
+                    await (call if self._bound is None else self._bound(call))
                 except Exception as exc:  # handed to the callers, who decide
                     self.failed_batches += 1
                     failures += 1

@@ -269,7 +269,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             args: list[Any] = []
             for record in chunk:
                 args += [record.id, record.ts_ms]
-            args += [orjson.dumps(record.to_dict()) for record in chunk]
+            args += [orjson.dumps(record) for record in chunk]  # = to_dict(), in C
             await self._eval(_LEDGER, keys, args)
 
     async def get_ledger_record(self, request_id: str) -> LedgerRecord | None:
