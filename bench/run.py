@@ -97,6 +97,8 @@ LEDGER_FILES = {"metergate": "ledger.db", "metergate-base": "ledger-base.db"}
 #: What a run measures without --targets: the original three, or all five (--budgets).
 DEFAULT_TARGETS = ("direct", "bare", "metergate")
 REDIS_TARGETS = ("metergate-redis", "metergate-redis-budgets")
+#: What --budgets measures without --targets.
+BUDGETS_TARGETS = tuple(t for t in TARGETS if t != "metergate-base")
 #: Each Redis target has its own key namespace (ledger and budget keys) on the one
 #: throwaway Redis; MONITOR lines of the budgets target are recognised by it.
 REDIS_NAMESPACES = {"metergate-redis": "mgr", "metergate-redis-budgets": "mgb"}
@@ -1221,7 +1223,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.latency_seconds = args.latency_seconds or (3.0 if q else 6.0)
     args.ttfb_n = args.ttfb_n or (10 if q else 20)
     if args.targets is None:
-        args.targets = ",".join(TARGETS if args.budgets else DEFAULT_TARGETS)
+        args.targets = ",".join(BUDGETS_TARGETS if args.budgets else DEFAULT_TARGETS)
     elif args.targets.strip() == "all":
         args.targets = ",".join(TARGETS)
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
