@@ -125,6 +125,9 @@ class Stats:
     interval_done: int = 0
     interval_unexpected: int = 0
     interval_chat_ms: list[float] = field(default_factory=list)
+    #: with --trace: (start, kind, latency s, outcome) of every request, start in
+    #: time.time() seconds, to line up with other logs (py-spy, the proxy's own log)
+    trace: list[tuple[float, str, float, str]] | None = None
 
 
 EXPECTED = {
@@ -160,16 +163,24 @@ async def one_request(
     st.interval_done += 1
     if outcome not in EXPECTED.get(kind.name, {"200", "200 complete"}):
         st.interval_unexpected += 1
+    latency = time.monotonic() - t0
     if kind.name == "chat" and outcome == "200":
-        st.interval_chat_ms.append((time.monotonic() - t0) * 1000)
+        st.interval_chat_ms.append(latency * 1000)
+    if st.trace is not None:
+        st.trace.append((time.time() - latency, kind.name, latency, outcome))
 
 
 async def generate(
-    session: aiohttp.ClientSession, root: str, st: Stats, rate: float, seconds: float
+    session: aiohttp.ClientSession,
+    root: str,
+    st: Stats,
+    rate: float,
+    seconds: float,
+    mix: tuple[Kind, ...] = MIX,
 ) -> None:
     """Open loop: request ``i`` starts at ``i / rate`` whatever the earlier ones do."""
     rnd = random.Random(6)
-    kinds = rnd.choices(MIX, weights=[k.weight for k in MIX], k=int(rate * seconds))
+    kinds = rnd.choices(mix, weights=[k.weight for k in mix], k=int(rate * seconds))
     tasks: set[asyncio.Task[None]] = set()
     loop = asyncio.get_running_loop()
     t0 = loop.time()
@@ -316,7 +327,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("proxy", "fake", "load"):
         p.add_argument(f"--{name}-cpus", help="see bench/run.py")
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument(
+        "--only",
+        type=lambda text: set(text.split(",")),
+        default=set(),
+        help="send only these kinds of the mix (comma-separated names, e.g. chat or "
+        "chat,chat-stream), to price each kind's CPU per request",
+    )
+    p.add_argument("--no-budgets", action="store_true", help="Metergate without the 3 budgets")
+    p.add_argument(
+        "--metergate-src",
+        type=Path,
+        help="run `python -m proxy.cli serve` from this source tree instead of the installed "
+        "work tree (e.g. a copy with a patch to a file you do not own)",
+    )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        help="write every request (start as epoch s, kind, latency s, outcome) to this CSV",
+    )
     args = p.parse_args(argv)
+    unknown = args.only - {k.name for k in MIX}
+    if unknown:
+        p.error(
+            f"--only: no such kind {', '.join(sorted(unknown))}; kinds: "
+            f"{', '.join(k.name for k in MIX)}"
+        )
     if args.warmup_minutes is None:
         args.warmup_minutes = 2.0 if args.minutes >= 10 else args.minutes / 5
     return args
@@ -332,7 +368,11 @@ def start(
     procs.append(fake)
     fake.start()
     store = f"sqlite:///{tmp / 'ledger.db'}"
-    t = run.start_metergate(rargs, tmp, pin, procs, "metergate", fake_port, store, run.BUDGETS_YAML)
+    # The installed work tree, or --metergate-src (run.start_targets sets these; this
+    # harness starts its one proxy itself).
+    rargs.metergate_src, rargs.base_src = getattr(rargs, "metergate_src", None), None
+    budgets = "" if getattr(rargs, "soak_no_budgets", False) else run.BUDGETS_YAML
+    t = run.start_metergate(rargs, tmp, pin, procs, "metergate", fake_port, store, budgets)
     fake.wait_ready(f"http://127.0.0.1:{fake_port}/_fake/health")
     assert t.proc is not None
     t.proc.wait_ready(t.base.rsplit("/", 1)[0] + "/readyz", timeout=60)
@@ -351,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
         for x in (f"--{n}-cpus", getattr(args, f"{n}_cpus"))
     ]
     rargs = run.parse_args(["--targets", "metergate", "--no-wrk", *cpu_flags])
+    rargs.metergate_src = args.metergate_src.resolve() if args.metergate_src else None
+    rargs.soak_no_budgets = args.no_budgets
     pin = run.choose_pinning(rargs)
     os.sched_setaffinity(0, pin.load)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -371,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             f"sample every {args.sample_s:g} s",
             flush=True,
         )
-        st = Stats()
+        st = Stats(trace=[] if args.trace else None)
 
         async def soak() -> list[dict[str, Any]]:
             stop = asyncio.Event()
@@ -379,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60)
             timeout = aiohttp.ClientTimeout(total=30)
             async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-                await generate(session, root, st, args.rate, args.minutes * 60)
+                mix = tuple(k for k in MIX if not args.only or k.name in args.only)
+                await generate(session, root, st, args.rate, args.minutes * 60, mix)
             stop.set()
             return await sampler
 
@@ -387,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         samples = event_loop_runner()(soak())
         elapsed = time.monotonic() - t0
         time.sleep(2.0)  # the ledger writer's last batch
+        if st.trace is not None:
+            rows = (f"{t:.4f},{k},{lat:.4f},{o}" for t, k, lat, o in sorted(st.trace))
+            args.trace.write_text("start,kind,latency_s,outcome\n" + "\n".join(rows) + "\n")
         result = report(args, rargs, pin, t, tmp, st, samples, started, elapsed, waited)
         run.RESULTS.mkdir(parents=True, exist_ok=True)
         out = run.RESULTS / f"soak-{started:%Y%m%d-%H%M%S}.json"
@@ -469,6 +515,22 @@ def report(
         f"other processes up to {others:.0f}% of a CPU; pytest seen in "
         f"{pytest_samples}/{len(samples)} samples"
     )
+    late = [x for x in samples if x["t_s"] >= args.warmup_minutes * 60 and x["done_per_s"] > 0]
+    if late:
+        cpu_us = sum(x["proxy_cpu_pct"] / 100 / x["done_per_s"] for x in late) / len(late) * 1e6
+        chat_p99 = max(x["chat_p99_ms"] or 0.0 for x in late)
+        lines.append(
+            f"after warm-up: proxy CPU (with its children) {cpu_us:.0f} µs per request; "
+            f"worst 10-s chat p99 {chat_p99:.1f} ms"
+        )
+    # Budget reserves the store did not answer within store_timeout_ms: a stalled store
+    # (fail_open admits the request unchecked and journals the charge).
+    unchecked = 0
+    with open(tmp / "metergate.log", errors="replace") as log:
+        unchecked = sum(1 for line in log if "admitting" in line and "unchecked" in line)
+    lines.append(
+        f"budget reserves admitted unchecked (store answered nothing in time): {unchecked}"
+    )
     text = "\n".join(lines)
     print("\n" + text)
     return {
@@ -479,6 +541,7 @@ def report(
         "outcomes": {f"{k}|{o}": n for (k, o), n in st.outcomes.items()},
         "sent": dict(st.sent),
         "checks": checks,
+        "admitted_unchecked": unchecked,
         "table": text,
     }
 

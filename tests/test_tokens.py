@@ -193,9 +193,11 @@ def test_lazy_load_happens_once_under_concurrency(monkeypatch: pytest.MonkeyPatc
     calls: list[str] = []
     real = tokens.load_encoding
 
-    def counting(name: str, vocab_dir: Path | None = None) -> tiktoken.Encoding:
+    def counting(
+        name: str, vocab_dir: Path | None = None, *, lean: bool = False
+    ) -> tiktoken.Encoding:
         calls.append(name)
-        return real(name, vocab_dir)
+        return real(name, vocab_dir, lean=lean)
 
     monkeypatch.setattr(tokens, "load_encoding", counting)
     c = TokenCounter()
