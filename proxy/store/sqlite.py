@@ -45,6 +45,11 @@ from proxy.ledger import LedgerRecord
 from proxy.store.aggregate import NONE_LABEL, ReportRow, report_sort_key, validate_group_by
 from proxy.store.sqlite_alerts import ALERTS_DDL, SqliteAlertMethods
 from proxy.store.sqlite_budget import BUDGET_DDL, SPECS_DDL, SqliteBudgetMethods
+from proxy.store.sqlite_checkpoint import (
+    WAL_AUTOCHECKPOINT_PAGES,
+    WAL_SIZE_LIMIT_BYTES,
+    Checkpointer,
+)
 from proxy.store.sqlite_keys import KEYS_DDL, SqliteKeyMethods
 
 __all__ = ["SCHEMA_VERSION", "SqliteStore"]
@@ -198,6 +203,7 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
         #: Run (on the loop) before each call: the ledger spool's writer hands over the
         #: records it is gathering, so every call sees them (proxy.ledger_spool).
         self.before_call: Callable[[], None] | None = None
+        self._checkpointer: Checkpointer | None = None
         self._executor: ThreadPoolExecutor | None = None
         # Touched only on the executor's thread.
         self._conn: sqlite3.Connection | None = None
@@ -299,11 +305,20 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
                     "put the database on a local file system."
                 )
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            if not in_memory:
+                # WAL checkpoints (and their syncs) run on a thread of their own; this
+                # connection's own checkpoint is the rarely reached last resort (see
+                # proxy.store.sqlite_checkpoint).
+                conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
+                conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT_BYTES}")
             self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         self._conn = conn
+        if not in_memory:
+            self._checkpointer = Checkpointer(self.path, self.synchronous, _BUSY_TIMEOUT_MS)
+            self._checkpointer.start()
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         def version() -> int:
@@ -341,6 +356,9 @@ class SqliteStore(SqliteKeyMethods, SqliteAlertMethods, SqliteBudgetMethods):
             await self._shutdown()
 
     def _close_sync(self) -> None:
+        checkpointer, self._checkpointer = self._checkpointer, None
+        if checkpointer is not None:
+            checkpointer.stop()
         if self._conn is not None:
             self._conn.close()
             self._conn = None
