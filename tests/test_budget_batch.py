@@ -11,7 +11,7 @@ was in flight.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,29 +19,17 @@ import pytest
 from proxy.budget import BudgetSpec, RequestFacts
 from proxy.budget_gate import BudgetGate
 from proxy.journal import Journal
-from proxy.store import BudgetState, RateItem, ReserveItem, ReserveResult, Store
+from proxy.store import BudgetState, RateItem, ReserveResult, Store
 from proxy.store.base import ReserveCall, SettleCall
 from tests.redis_servers import (  # the fixtures are used by name
     redis_cluster,  # noqa: F401
     redis_server,  # noqa: F401
 )
+from tests.test_budget_contract import hard, store  # noqa: F401 (the fixture)
 from tests.test_budget_gate import FlakyStore
-from tests.test_store_contract import BACKENDS
 
 TTL = 60.0
 USD = 1_000_000_000
-
-
-@pytest.fixture(params=list(BACKENDS))
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    backend = await BACKENDS[request.param](request, tmp_path)
-    await backend.open()
-    yield backend
-    await backend.close()
-
-
-def hard(key: str, limit: int | None, amount: int) -> ReserveItem:
-    return ReserveItem(key, limit, amount, True)
 
 
 # -- the store: one batch -------------------------------------------------------------------
