@@ -1477,12 +1477,7 @@ def main(argv: list[str] | None = None) -> int:
             redis.close()
         if worker is not None:
             worker.stop()
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep_tmp:
-            print(f"temp dir kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(procs, tmp, keep_tmp=args.keep_tmp)
 
 
 def report(
@@ -1617,6 +1612,17 @@ def wait_quiet(b: Bench, max_wait: float) -> None:
             return
         print(f"    waiting: other processes use {other:.0f}% of a CPU", flush=True)
         time.sleep(1.0)
+
+
+def stop_all(procs: list[Proc], tmp: Path, *, keep_tmp: bool) -> None:
+    """Stop what a bench started (by PID, last started first) and remove its temp dir,
+    unless ``keep_tmp``; the ``finally`` of run.py, streams.py and soak.py."""
+    for proc in reversed(procs):
+        proc.stop()
+    if keep_tmp:
+        print(f"temp dir kept: {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def resolve_commit(p: argparse.ArgumentParser, flag: str, rev: str) -> str:

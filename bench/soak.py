@@ -38,7 +38,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -440,12 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nJSON: {out.relative_to(run.ROOT)}")
         return 0
     finally:
-        for proc in reversed(procs):
-            proc.stop()
-        if args.keep_tmp:
-            print(f"temp dir kept: {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        run.stop_all(procs, tmp, keep_tmp=args.keep_tmp)
 
 
 def report(
