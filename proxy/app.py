@@ -1,4 +1,4 @@
-"""Builds the aiohttp application. Shared resources (client session, store, ledger
+"""Builds the aiohttp application. Shared resources (upstream client, store, ledger
 writer, catalog, token counter) live in ``web.AppKey`` slots and are opened and closed
 by ``cleanup_ctx``, never held in module globals."""
 
@@ -34,7 +34,7 @@ from proxy.settings import Settings, journal_dir_for, tiktoken_dir_from_env
 from proxy.store import open_store
 from proxy.store.base import Store
 from proxy.token_process import ProcessTokenCounter
-from proxy.upstream import make_session
+from proxy.upstream import make_client
 
 log = logging.getLogger("metergate")
 
@@ -205,7 +205,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         store_timeout_s=settings.store_timeout_ms / 1000.0,
         reservation_ttl_s=settings.reservation_ttl_s,
     )
-    session = make_session(settings.upstreams)
+    client = make_client(settings.upstreams)
     pipeline = Pipeline(
         settings=settings,
         keyring=KeyRing(settings.keys, passthrough=settings.passthrough_keys, issued=keys),
@@ -213,7 +213,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         counter=counter,
         writer=writer,
         metrics=app[METRICS],
-        session=session,
+        client=client,
         gate=gate,
         journal=journal,
     )
@@ -258,7 +258,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
             spool.close()
         if journal is not None:
             await journal.close()
-        await session.close()
+        await client.close()
         await store.close()
         await asyncio.get_running_loop().run_in_executor(None, counter.close)
 

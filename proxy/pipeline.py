@@ -21,10 +21,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import orjson
 from aiohttp import web
-from yarl import URL
 
 from proxy.access_log import log_line
 from proxy.budget import RequestFacts, Reservation, worst_case_nanos
@@ -52,8 +50,15 @@ from proxy.upstream import (
     client_response_headers,
     decode_body,
     decoder_for,
-    request_timeout,
+    request_timeouts,
     upstream_request_headers,
+)
+from proxy.upstream_client import (
+    Origin,
+    UpstreamClient,
+    UpstreamClientError,
+    UpstreamConnectError,
+    UpstreamResponse,
 )
 from proxy.usage import Usage
 
@@ -126,7 +131,7 @@ class Pipeline:
         counter: PromptCounter,
         writer: LedgerWriter,
         metrics: Metrics,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         gate: BudgetGate | None = None,
         journal: Journal | None = None,
     ) -> None:
@@ -136,9 +141,10 @@ class Pipeline:
         self.counter = counter
         self.writer = writer
         self.metrics = metrics
-        self.session = session
+        self.client = client
         self.gate = gate
-        self._timeouts = {name: request_timeout(u) for name, u in settings.upstreams.items()}
+        self._timeouts = {name: request_timeouts(u) for name, u in settings.upstreams.items()}
+        self._origins = {name: Origin.of(u.url) for name, u in settings.upstreams.items()}
         self.journal = journal
         self.fallback = (
             Catalog.fallback(dict(settings.fallback_price))
@@ -288,19 +294,21 @@ class Pipeline:
         headers = upstream_request_headers(
             request.headers, auth, identity_only=ex.parsed.strip_usage_chunk
         )
-        url = URL(up.url + "/" + ex.raw_path, encoded=True)
+        origin = self._origins[up.name]
         t_sent = time.perf_counter()
         ex.sent = True
         try:
-            resp = await self.session.request(
+            resp = await self.client.request(
                 request.method,
-                url,
-                data=ex.parsed.body if ex.parsed.body else None,
-                headers=headers,
-                allow_redirects=False,
-                timeout=self._timeouts[up.name],
+                origin,
+                origin.base_path + "/" + ex.raw_path,
+                headers.items(),
+                ex.parsed.body,
+                self._timeouts[up.name],
             )
-        except TimeoutError:
+        except TimeoutError as exc:
+            # A connect timeout: the upstream never got the request, so it is free.
+            ex.sent = not isinstance(exc, UpstreamConnectError)
             return await self._upstream_failed(
                 ex,
                 # Either bound can fire here: connecting, or waiting for the headers.
@@ -311,9 +319,9 @@ class Pipeline:
                 ),
                 t_sent,
             )
-        except aiohttp.ClientError as exc:
+        except UpstreamClientError as exc:
             # Could not even connect: the upstream never saw the request, so it is free.
-            ex.sent = not isinstance(exc, aiohttp.ClientConnectorError)
+            ex.sent = not isinstance(exc, UpstreamConnectError)
             return await self._upstream_failed(
                 ex,
                 UpstreamUnavailable(
@@ -362,7 +370,7 @@ class Pipeline:
         await self._finish(ex, None, output_text="", charge=charge)
         return _error_response(err, ex.provider.name, ex.request_id)
 
-    async def _relay_body(self, ex: Exchange, resp: aiohttp.ClientResponse) -> web.StreamResponse:
+    async def _relay_body(self, ex: Exchange, resp: UpstreamResponse) -> web.StreamResponse:
         t_read = time.perf_counter()
         try:
             raw = await resp.read()
@@ -374,7 +382,7 @@ class Pipeline:
                 "upstream_timeout",
                 t_read,
             )
-        except aiohttp.ClientError:
+        except UpstreamClientError:
             return await self._body_broken(
                 ex,
                 resp.status,
@@ -401,7 +409,7 @@ class Pipeline:
         return web.Response(status=resp.status, reason=resp.reason, body=raw, headers=headers)
 
     async def _relay_stream(
-        self, request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse
+        self, request: web.Request, ex: Exchange, resp: UpstreamResponse
     ) -> web.StreamResponse:
         meter = ex.meter = ex.provider.stream_meter(ex.parsed)
         decoder: Decoder | None = None
@@ -426,7 +434,7 @@ class Pipeline:
                 except TimeoutError:
                     ex.error = ex.error or "upstream_timeout"
                     break
-                except aiohttp.ClientError:
+                except UpstreamClientError:
                     # (or the watchdog closed it, having set "client_disconnect")
                     ex.error = ex.error or "upstream_reset"
                     break
@@ -483,9 +491,7 @@ class Pipeline:
         return out
 
     @staticmethod
-    async def _watch_client(
-        request: web.Request, ex: Exchange, resp: aiohttp.ClientResponse
-    ) -> None:
+    async def _watch_client(request: web.Request, ex: Exchange, resp: UpstreamResponse) -> None:
         """Cancel the upstream request as soon as the client of a stream goes away.
 
         Without this the proxy learns of a departed client only when it next writes to

@@ -1,4 +1,4 @@
-"""The network edge towards providers: the shared client session, which headers cross
+"""The network edge towards providers: the shared upstream client, which headers cross
 the proxy in each direction, and decoding a copy of compressed bodies.
 
 Compression decision: the proxy relays the upstream's bytes *as they are*, compressed or
@@ -16,10 +16,10 @@ import zlib
 from collections.abc import Mapping
 from typing import Any, Protocol
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.settings import UpstreamSettings
+from proxy.upstream_client import Timeouts, UpstreamClient
 
 try:  # brotli is optional: without it, "br" is simply not offered upstream.
     import brotli as _brotli
@@ -167,34 +167,19 @@ def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
         return None
 
 
-def make_session(upstreams: Mapping[str, UpstreamSettings]) -> aiohttp.ClientSession:
-    """The one client session all upstream requests share.
+def make_client(upstreams: Mapping[str, UpstreamSettings]) -> UpstreamClient:
+    """The one client all upstream requests share (:mod:`proxy.upstream_client`).
 
-    The pool is sized from config (aiohttp's default of 100 would queue long streams);
-    responses are never decompressed by aiohttp (we relay bytes as received); redirects
-    are not followed (an upstream cannot send the proxy elsewhere); cookies are ignored.
+    The pool is sized from config (a default of 100 would queue long streams);
+    responses are never decompressed (we relay bytes as received); redirects are not
+    followed (an upstream cannot send the proxy elsewhere); no cookies, no proxy from
+    the environment.
     """
-    limit = sum(u.pool_size for u in upstreams.values()) or 1024
-    connector = aiohttp.TCPConnector(
-        limit=limit, limit_per_host=0, ttl_dns_cache=300, enable_cleanup_closed=True
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-    )
+    return UpstreamClient(limit=sum(u.pool_size for u in upstreams.values()) or 1024)
 
 
 @functools.lru_cache(maxsize=64)
-def request_timeout(upstream: UpstreamSettings) -> aiohttp.ClientTimeout:
+def request_timeouts(upstream: UpstreamSettings) -> Timeouts:
     """Bound the connect and every read gap, never the whole request: reasoning
-    streams may legitimately run for many minutes. Built once per upstream (both
-    objects are immutable), not once per request."""
-    return aiohttp.ClientTimeout(
-        total=None,
-        connect=upstream.connect_timeout_s,
-        sock_connect=upstream.connect_timeout_s,
-        sock_read=upstream.read_timeout_s,
-    )
+    streams may legitimately run for many minutes."""
+    return Timeouts(connect=upstream.connect_timeout_s, read=upstream.read_timeout_s)

@@ -1,7 +1,7 @@
 """``metergate serve --workers N``: N proxy processes on one port.
 
 DESIGN §3 says one process per core. Each worker is a full ``metergate serve`` process
-(its own event loop, client session and store connection) listening on the same port
+(its own event loop, upstream client and store connection) listening on the same port
 with ``SO_REUSEPORT``, so the kernel spreads incoming connections over them; they
 share nothing but the store, exactly like replicas on different hosts. So ``--workers``
 needs a store the processes can share: a SQLite file or Redis, not ``memory://``.
