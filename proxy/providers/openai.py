@@ -181,7 +181,11 @@ def _add_message(message: object, out: list[str]) -> None:
     """Text of a chat message or delta: content, refusal, reasoning, tool calls."""
     if not isinstance(message, dict):
         return
-    _add_content(message.get("content"), out)
+    content = message.get("content")
+    if type(content) is str and len(message) == 1:
+        out.append(content)  # the usual stream delta, {"content": "..."}: nothing else
+        return
+    _add_content(content, out)
     for key in ("refusal", "reasoning_content"):
         if isinstance(value := message.get(key), str):
             out.append(value)
