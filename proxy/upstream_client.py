@@ -273,7 +273,7 @@ class _Connection(asyncio.Protocol):
         self.head: asyncio.Future[None] | None = None
         self._method = ""
         self._status_text = bytearray()
-        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._raw_headers: list[bytes] = []
         self._interim = False
         self._paused = False
         self._read_timeout = 0.0
@@ -335,7 +335,7 @@ class _Connection(asyncio.Protocol):
         self._status_text += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._raw_headers.append((name, value))
+        self._raw_headers += (name, value)
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -348,10 +348,14 @@ class _Connection(asyncio.Protocol):
             return
         resp.status = status
         resp.reason = self._status_text.decode("latin-1")
-        headers: CIMultiDict[str] = CIMultiDict(
-            (n.decode("utf-8", "surrogateescape"), v.decode("utf-8", "surrogateescape"))
-            for n, v in self._raw_headers
-        )
+        # Names and values alternate in _raw_headers. One decode and one split do what a
+        # decode per name and value would, unless a value holds an LF (llhttp refuses
+        # those, but an obs-folded line would): then one by one.
+        raw = self._raw_headers
+        text = b"\n".join(raw).decode("utf-8", "surrogateescape").split("\n")
+        if len(text) != len(raw):
+            text = [b.decode("utf-8", "surrogateescape") for b in raw]
+        headers: CIMultiDict[str] = CIMultiDict(zip(text[::2], text[1::2], strict=True))
         resp.headers = CIMultiDictProxy(headers)
         self._close_delimited = (
             "Content-Length" not in headers
