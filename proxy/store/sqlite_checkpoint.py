@@ -85,12 +85,15 @@ class Checkpointer:
             log.warning("SQLite checkpointer for %s could not start: %s", self.path, exc)
             return
         failing = False
+        configured = False
         try:
-            conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
-            # Checkpoint syncs follow the checkpointing connection's own setting.
-            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             while not self._stop.wait(self.interval_s):
                 try:
+                    if not configured:  # (can meet a lock too, so it is retried here)
+                        conn.execute(f"PRAGMA busy_timeout = {self.busy_timeout_ms}")
+                        # Checkpoint syncs follow the checkpointing connection's setting.
+                        conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+                        configured = True
                     conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                 except sqlite3.Error as exc:
                     # Not fatal: the store connection's own checkpoint still runs.
