@@ -45,7 +45,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, TypeVar
 
 from proxy.budget import (
     BudgetSpec,
@@ -94,6 +94,22 @@ _T = TypeVar("_T")
 #: was applied, or the exception of that call (returned, not raised: see _flush).
 _Outcome = ReserveResult | bool | Exception
 _NANOS_PER_USD: Final = 1_000_000_000
+#: Distinct request facts (and sets of specs) remembered by BudgetGate.applicable and
+#: BudgetGate._plan before the caches start over.
+_PLAN_CACHE_SIZE: Final = 4096
+
+
+class _Plan(NamedTuple):
+    """What a reserve on one set of specs holds in the current periods (see _plan)."""
+
+    specs: tuple[BudgetSpec, ...]
+    windows: dict[str, tuple[BudgetSpec, PeriodWindow]]  # budget key -> spec, window
+    keys: tuple[str, ...]  # the budget keys, in spec order
+    budgets: tuple[tuple[str, int, bool], ...]  # budget key, limit, hard
+    rpm: tuple[tuple[str, int], ...]  # rate key, requests per minute
+    tpm: tuple[tuple[str, int], ...]  # rate key, tokens per minute
+    start: float  # valid for start <= time.time() < end (unix s)
+    end: float
 
 
 def _usd(nanos: int) -> str:
@@ -137,6 +153,12 @@ class BudgetGate:
         # spec -> (spec, window start, window end (unix s), window, budget key): the
         # current period of each spec, valid until its end (see _current_window).
         self._windows: dict[int, tuple[BudgetSpec, float, float, PeriodWindow, str]] = {}
+        # The specs that match a request, by its facts (callers, teams and models repeat;
+        # bounded by _PLAN_CACHE_SIZE), and what a reserve on them sends (see _plan).
+        self._applicable: dict[RequestFacts, tuple[BudgetSpec, ...]] = {}
+        # By id() of the tuple applicable() returned; the entry keeps that tuple alive,
+        # so its id is not reused while the entry exists (specs hold dicts: unhashable).
+        self._plans: dict[int, _Plan] = {}
 
     async def drain(self) -> None:
         """Wait for queued reserves and settles (also those whose callers were
@@ -147,6 +169,8 @@ class BudgetGate:
         """Swap the budgets at run time; requests in flight keep their reservations."""
         self.specs = tuple(specs)
         self._windows = {}
+        self._applicable = {}
+        self._plans = {}
 
     def _current_window(self, spec: BudgetSpec, now: datetime | None) -> tuple[PeriodWindow, str]:
         """The period of ``spec`` that contains ``now``, and its budget key. Without an
@@ -166,8 +190,54 @@ class BudgetGate:
         return window, key
 
     def applicable(self, facts: RequestFacts) -> tuple[BudgetSpec, ...]:
-        """The budgets whose scope matches the request."""
-        return tuple(spec for spec in self.specs if matches(spec, facts))
+        """The budgets whose scope matches the request (remembered by its facts: the
+        pipeline asks, then reserve asks again, for every request)."""
+        try:
+            specs = self._applicable.get(facts)
+        except TypeError:  # unhashable facts (tags in a list): match them uncached
+            return tuple(spec for spec in self.specs if matches(spec, facts))
+        if specs is None:
+            if len(self._applicable) >= _PLAN_CACHE_SIZE:
+                self._applicable.clear()
+            specs = self._applicable[facts] = tuple(
+                spec for spec in self.specs if matches(spec, facts)
+            )
+        return specs
+
+    def _plan(self, specs: tuple[BudgetSpec, ...], now: datetime | None) -> _Plan:
+        """What a reserve on ``specs`` holds: their budget keys in the current periods
+        and their rate limits, computed once per set of specs and period (not per
+        request) unless an explicit ``now`` is given."""
+        if now is None:
+            plan = self._plans.get(id(specs))
+            if plan is not None and plan.specs is specs and plan.start <= time.time() < plan.end:
+                return plan
+        windows: dict[str, tuple[BudgetSpec, PeriodWindow]] = {}
+        budgets: list[tuple[str, int, bool]] = []
+        rpm: list[tuple[str, int]] = []
+        tpm: list[tuple[str, int]] = []
+        start, end = -math.inf, math.inf
+        for spec in specs:
+            if spec.limit_nanos is not None:
+                window, key = self._current_window(spec, now)
+                windows[key] = (spec, window)
+                budgets.append((key, spec.limit_nanos, spec.enforce == "hard"))
+                if window.start is not None:
+                    start = max(start, window.start.timestamp())
+                if window.end is not None:
+                    end = min(end, window.end.timestamp())
+            if spec.requests_per_minute is not None:
+                rpm.append((rate_key(spec, "rpm"), spec.requests_per_minute))
+            if spec.tokens_per_minute is not None:
+                tpm.append((rate_key(spec, "tpm"), spec.tokens_per_minute))
+        plan = _Plan(
+            specs, windows, tuple(windows), tuple(budgets), tuple(rpm), tuple(tpm), start, end
+        )
+        if now is None:
+            if len(self._plans) >= _PLAN_CACHE_SIZE:
+                self._plans.clear()
+            self._plans[id(specs)] = plan
+        return plan
 
     async def reserve(
         self,
@@ -187,24 +257,15 @@ class BudgetGate:
         gate's next batch; ``store_timeout_s`` bounds each batch (see wait_for_store), so
         a call queued behind a batch in flight waits at most about twice that.
         """
-        specs = self.applicable(facts)
-        items: list[ReserveItem] = []
-        windows: dict[str, tuple[BudgetSpec, PeriodWindow]] = {}
-        rates: list[RateItem] = []
-        for spec in specs:
-            if spec.limit_nanos is not None:
-                window, key = self._current_window(spec, now)
-                windows[key] = (spec, window)
-                items.append(
-                    ReserveItem(key, spec.limit_nanos, amount_nanos, spec.enforce == "hard")
-                )
-            if spec.requests_per_minute is not None:
-                rates.append(RateItem(rate_key(spec, "rpm"), spec.requests_per_minute, 1))
-            if spec.tokens_per_minute is not None:
-                rates.append(RateItem(rate_key(spec, "tpm"), spec.tokens_per_minute, tokens, True))
+        plan = self._plan(self.applicable(facts), now)
+        windows = plan.windows
+        items = [ReserveItem(key, limit, amount_nanos, hard) for key, limit, hard in plan.budgets]
+        rates = [RateItem(key, per_minute, 1) for key, per_minute in plan.rpm]
+        if plan.tpm:
+            rates += [RateItem(key, per_minute, tokens, True) for key, per_minute in plan.tpm]
         reservation = Reservation(
             id=request_id,
-            keys=tuple(windows),
+            keys=plan.keys,
             amount_nanos=amount_nanos,
             tokens=tokens,
             created=time.time(),
@@ -435,32 +496,86 @@ async def wait_for_store(
     500 concurrent requests on two replicas against a cap that fits 173 admitted 388 to
     481 of them. Cancelling the caller cancels the call.
 
-    ``call`` is a coroutine or a future; a future (such as
-    :meth:`LedgerWriter.write_nowait`'s) is waited for as it is, which spares a task per
-    call on the hot path.
+    ``call`` is a coroutine or a future, awaited in the caller's own task: no task and
+    no ``asyncio.wait`` per call, only one timer (it runs once per store batch of the
+    gate and of the ledger writer, i.e. about twice per request when the proxy is idle).
+    When the store is judged silent the timer cancels the wait, as ``asyncio.timeout``
+    does, and the call is cancelled with it.
     """
     loop = asyncio.get_running_loop()
-    started = loop.time()
-    task = asyncio.ensure_future(call, loop=loop)
+    watch = _StoreWatch(loop, timeout_s, max(max_wait_s, timeout_s), answers)
     try:
-        while True:
-            waited_from, cpu_from, seen = loop.time(), time.thread_time(), answers()
-            # wait() neither cancels the task nor raises on timeout.
-            await asyncio.wait((task,), timeout=timeout_s)
-            if task.done():
-                return task.result()  # or the store's own error
-            now = loop.time()
-            loop_was_busy = (
-                now - waited_from > timeout_s * 1.5  # our timer fired late
-                or time.thread_time() - cpu_from > (now - waited_from) / 2  # loop at work
-            )
-            store_answered = answers() != seen
-            if (not loop_was_busy and not store_answered) or now - started >= max(
-                max_wait_s, timeout_s
-            ):
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise TimeoutError(f"the store answered nothing for {timeout_s:g} s")
-    except asyncio.CancelledError:
-        task.cancel()  # the caller was cancelled: do not leave its call behind
-        raise
+        async with asyncio.timeout(None) as deadline:
+            watch.start(deadline)
+            return await call
+    except TimeoutError:
+        if watch.expired:
+            raise TimeoutError(f"the store answered nothing for {timeout_s:g} s") from None
+        raise  # the call's own
+    finally:
+        watch.stop()
+
+
+class _StoreWatch:
+    """The timer of :func:`wait_for_store`: every ``timeout_s`` it decides whether the
+    store was silent while the loop was free to listen, and if so expires the wait."""
+
+    __slots__ = (
+        "_answers",
+        "_cpu_from",
+        "_deadline",
+        "_handle",
+        "_loop",
+        "_max_total",
+        "_seen",
+        "_started",
+        "_timeout_s",
+        "_waited_from",
+        "expired",
+    )
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        timeout_s: float,
+        max_total_s: float,
+        answers: Callable[[], int],
+    ) -> None:
+        self._loop = loop
+        self._timeout_s = timeout_s
+        self._max_total = max_total_s
+        self._answers = answers
+        self._deadline: asyncio.Timeout | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._started = self._waited_from = loop.time()
+        self._cpu_from = time.thread_time()
+        self._seen = answers()
+        self.expired = False
+
+    def start(self, deadline: asyncio.Timeout) -> None:
+        self._deadline = deadline
+        self._handle = self._loop.call_at(self._waited_from + self._timeout_s, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        interval = now - self._waited_from
+        cpu = time.thread_time()
+        loop_was_busy = (
+            interval > self._timeout_s * 1.5  # our timer fired late
+            or cpu - self._cpu_from > interval / 2  # the loop was at work
+        )
+        seen = self._answers()
+        store_answered = seen != self._seen
+        if (not loop_was_busy and not store_answered) or now - self._started >= self._max_total:
+            self._handle = None
+            self.expired = True
+            assert self._deadline is not None
+            self._deadline.reschedule(now)  # cancels the wait, as a timeout does
+            return
+        self._waited_from, self._cpu_from, self._seen = now, cpu, seen
+        self._handle = self._loop.call_at(now + self._timeout_s, self._check)

@@ -27,7 +27,11 @@ budget reads; ``lua/specs_v1.lua``...; their headers document the key layout). T
 budget gate (:mod:`proxy.budget_batch`) groups the reserves and settles of concurrent
 requests, and :meth:`RedisStore.budget_batch` sends a whole group as one script call
 (each reservation all or nothing on its own, in order), so under load a request costs
-a fraction of a round trip. On ``NOSCRIPT`` (a restarted or failed-over server) the
+a fraction of a round trip. Script calls go over one pipelined connection of their
+own (:class:`~proxy.store.redis_scripts.ScriptPipe`, packed in C, written once per turn
+of the event loop) rather than through redis-py's pool, whose per-call overhead cost
+more proxy CPU than the batch itself; other commands, TLS, Unix sockets and Redis
+Cluster keep redis-py. On ``NOSCRIPT`` (a restarted or failed-over server) the
 same call is sent once as ``EVAL``, which also caches the script again. Scripts read
 the server's ``TIME`` for expiry and rate windows, so replica clocks never matter.
 
@@ -69,6 +73,7 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.base import (
+    MAX_NANOS,
     BudgetState,
     RateItem,
     ReserveCall,
@@ -81,7 +86,7 @@ from proxy.store.base import (
 from proxy.store.budget_engine import SWEEP_LIMIT
 from proxy.store.redis_alerts import RedisAlertMethods
 from proxy.store.redis_keys import RedisKeyMethods
-from proxy.store.redis_scripts import LuaScript, text
+from proxy.store.redis_scripts import LuaScript, ScriptPipe, text
 from proxy.store.redis_specs import RedisSpecMethods
 
 __all__ = ["SCHEMES", "RedisStore"]
@@ -138,6 +143,9 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             "max_connections": max_connections,
         }
         self._client: aioredis.Redis | RedisCluster | None = None
+        # Script calls (budgets, ledger...) on one pipelined connection of their own,
+        # when the client is a plain TCP one (see ScriptPipe); else through redis-py.
+        self._pipe: ScriptPipe | None = None
         # redis-py raises MaxConnectionsError past its pool size (the cluster client has
         # no blocking pool); callers queue here instead, so a burst waits, not fails.
         self._slots = asyncio.Semaphore(max_connections)
@@ -217,10 +225,15 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             # (done markers, SET NX, already-held reservations).
             options = {"retry": Retry(NoBackoff(), 1, (RedisConnectionError,)), **self._options}
             self._client = aioredis.Redis.from_url(self._url, **options)
+            pool = self._client.connection_pool
+            self._pipe = ScriptPipe.for_client(pool.connection_class, pool.connection_kwargs)
 
     async def close(self) -> None:
         """Close every connection; further calls raise RuntimeError."""
         client, self._client = self._client, None
+        pipe, self._pipe = self._pipe, None
+        if pipe is not None:
+            pipe.close()
         if client is not None:
             await client.aclose()
 
@@ -252,6 +265,18 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
 
     async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA, falling back to EVAL once when the server lost its script cache."""
+        pipe = self._pipe
+        if pipe is not None:
+            try:
+                try:
+                    return await pipe.call("EVALSHA", script.sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    return await pipe.call("EVAL", script.source, len(keys), *keys, *args)
+            except RedisError as exc:
+                raise StoreUnavailable(
+                    f"The {self._where()} failed: {type(exc).__name__}: {exc}. Check that "
+                    "Redis is running and reachable from this host."
+                ) from exc
         try:
             return await self._command("EVALSHA", script.sha, len(keys), *keys, *args)
         except StoreUnavailable as exc:
@@ -345,7 +370,10 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         settled: list[bool | Exception] = [False] * len(settles)
         valid_reserves: list[int] = []
         for i, call in enumerate(reserves):
-            try:
+            if _plainly_valid_reserve(call):
+                valid_reserves.append(i)
+                continue
+            try:  # the exact error, in the words every backend uses
                 validate_reserve(call.reservation_id, call.items, call.rates, call.ttl_s)
             except (ValueError, TypeError) as exc:
                 reserved[i] = exc
@@ -353,6 +381,9 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
                 valid_reserves.append(i)
         valid_settles: list[int] = []
         for i, settle in enumerate(settles):
+            if _plainly_valid_settle(settle):
+                valid_settles.append(i)
+                continue
             try:
                 if settle.release:
                     if not settle.reservation_id:
@@ -387,16 +418,17 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         self, settles: Sequence[SettleCall], reserves: Sequence[ReserveCall]
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of one ``budget_v2.lua`` batch (see its header). The numbers go
-        as one space-separated argument and the ids as another: redis-py packs each
-        argument in Python, at over a microsecond apiece, so one argument per number
-        (16 per reservation) would cost more than the script itself."""
+        as one space-separated argument and the ids as another: one argument per number
+        (16 per reservation) would cost more to pack than the script's own work. Each
+        entry's numbers are formatted as one string (this runs for every reserve and
+        settle under load, so it avoids per-number tuples and conversions)."""
         shared: dict[str, int] = {}  # redis key -> its KEYS index (1-based, as in Lua)
-        numbers: list[int] = []
+        parts: list[str] = []
         budget_prefix, rate_prefix = self._budget_prefix, self._rate_prefix
         for rid, actual, keys, tokens, release in settles:
-            numbers.append(_byte_len(rid))
+            id_len = len(rid) if rid.isascii() else len(rid.encode())
             if release:
-                numbers += (0, -1, 0)
+                parts.append(f"{id_len} 0 -1 0")
                 continue
             token_arg = -1 if tokens is None else max(0, int(tokens))
             if isinstance(actual, Mapping):
@@ -404,31 +436,36 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             elif keys:
                 charges = ((key, actual) for key in keys)
             else:
-                numbers += (1, token_arg, -1, actual)  # to each budget the hold names
+                parts.append(f"{id_len} 1 {token_arg} -1 {actual}")  # to each budget held
                 continue
-            pairs: list[int] = []
+            pairs: list[str] = []
             for key, amount in charges:
                 redis_key = budget_prefix + key
                 index = shared.get(redis_key)
                 if index is None:
                     index = shared[redis_key] = len(shared) + 2
-                pairs += (index, amount)
-            numbers += (1, token_arg, len(pairs) // 2, *pairs)
+                pairs.append(f"{index} {amount}")
+            parts.append(f"{id_len} 1 {token_arg} {len(pairs)} {' '.join(pairs)}")
+        ttls: dict[float, int] = {}
         for rid, items, ttl_s, rates in reserves:
-            numbers += (_byte_len(rid), max(1, round(ttl_s * 1e6)), len(items), len(rates))
-            for item in items:
-                key = budget_prefix + item.key
-                index = shared.get(key)
+            ttl_us = ttls.get(ttl_s)
+            if ttl_us is None:
+                ttl_us = ttls[ttl_s] = max(1, round(ttl_s * 1e6))
+            id_len = len(rid) if rid.isascii() else len(rid.encode())
+            parts.append(f"{id_len} {ttl_us} {len(items)} {len(rates)}")
+            for key, limit, amount, hard in items:
+                redis_key = budget_prefix + key
+                index = shared.get(redis_key)
                 if index is None:
-                    index = shared[key] = len(shared) + 2
-                limit = -1 if item.limit_nanos is None else item.limit_nanos
-                numbers += (index, limit, item.amount_nanos, 1 if item.hard else 0)
-            for rate in rates:
-                key = rate_prefix + rate.key
-                index = shared.get(key)
+                    index = shared[redis_key] = len(shared) + 2
+                limit_arg = -1 if limit is None else limit
+                parts.append(f"{index} {limit_arg} {amount} {1 if hard else 0}")
+            for key, per_minute, units, adjustable in rates:
+                redis_key = rate_prefix + key
+                index = shared.get(redis_key)
                 if index is None:
-                    index = shared[key] = len(shared) + 2
-                numbers += (index, rate.per_minute, rate.units, 1 if rate.adjustable else 0)
+                    index = shared[redis_key] = len(shared) + 2
+                parts.append(f"{index} {per_minute} {units} {1 if adjustable else 0}")
         args: list[Any] = [
             "batch",
             self._res_prefix,
@@ -437,7 +474,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             max(1, round(self.settled_retention_s * 1000)),
             len(settles),
             len(reserves),
-            " ".join(map(str, numbers)),
+            " ".join(parts),
             "".join([*(s.reservation_id for s in settles), *(r.reservation_id for r in reserves)]),
         ]
         return [self._expiry_key, *shared], args
@@ -481,6 +518,46 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
     async def reset_budget(self, key: str) -> None:
         """See :meth:`Store.reset_budget`."""
         await self._eval(_BUDGET, self._state_keys([key]), ["reset", self._res_prefix, SWEEP_LIMIT])
+
+
+def _plainly_valid_reserve(call: ReserveCall) -> bool:
+    """What validate_reserve checks, without building its messages: True when the call
+    is certainly valid (the budget gate's always are); False sends it to
+    validate_reserve for the exact error."""
+    try:
+        rid, items, ttl_s, rates = call
+        if not rid or type(rid) is not str or not ttl_s > 0:
+            return False
+        for key, limit, amount, _ in items:
+            if not key or type(amount) is not int or not 0 <= amount <= MAX_NANOS:
+                return False
+            if limit is not None and (type(limit) is not int or not 0 <= limit <= MAX_NANOS):
+                return False
+        for key, per_minute, units, _ in rates:
+            if not key or per_minute < 1 or units < 0:
+                return False
+        if len(items) > 1 and len({item[0] for item in items}) != len(items):
+            return False
+        return len(rates) < 2 or len({rate[0] for rate in rates}) == len(rates)
+    except (TypeError, ValueError, AttributeError):
+        return False  # a malformed shape: validate_reserve says what is wrong
+
+
+def _plainly_valid_settle(call: SettleCall) -> bool:
+    """The same for a settle or release (see _plainly_valid_reserve)."""
+    rid, actual, keys, _, release = call
+    if not rid or type(rid) is not str:
+        return False
+    if release:
+        return True
+    if type(actual) is dict:
+        if keys:
+            return False
+        for amount in actual.values():
+            if type(amount) is not int or not 0 <= amount <= MAX_NANOS:
+                return False
+        return True
+    return type(actual) is int and 0 <= actual <= MAX_NANOS
 
 
 def _byte_len(text: str) -> int:
