@@ -143,6 +143,8 @@ class BudgetGate:
         # nor the journal took (their spend is missing from the budgets).
         self.store_errors = 0
         self.lost_settles = 0
+        #: Requests admitted without a budget check (fail_open, store unavailable).
+        self.admitted_unchecked = 0
         # Store calls that completed (the store's signs of life, see wait_for_store).
         self.store_answers = 0
         # Group commit: the reserves, settles and releases of concurrent requests go to
@@ -283,6 +285,7 @@ class BudgetGate:
                     "The budget store is unavailable, and this proxy refuses requests it "
                     "cannot check against their budgets. Try again shortly."
                 ) from result
+            self.admitted_unchecked += 1
             log.warning("budget store unavailable, admitting %s unchecked: %s", request_id, result)
             return reservation
         if isinstance(result, Exception):

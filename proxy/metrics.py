@@ -296,6 +296,18 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=registry,
         )
+        self.budget_unchecked = Counter(
+            "metergate_budget_unchecked_requests",
+            "Requests admitted without a budget check because the store did not answer "
+            "(on_store_error: fail_open): caps and rate limits were not enforced for them.",
+            registry=registry,
+        )
+        self.budget_settles_lost = Counter(
+            "metergate_budget_settles_lost",
+            "Budget charges neither the store nor the local journal could take: spend "
+            "missing from the budget (the ledger still has it). Should stay at 0.",
+            registry=registry,
+        )
         self.budget_scrape_errors = Counter(
             "metergate_budget_scrape_errors",
             "Scrapes that served the previous budget snapshot because the store failed or "
@@ -309,7 +321,7 @@ class Metrics:
                 self.alerts_sent.labels(channel, result)
         self.budgets = BudgetCollector()
         registry.register(self.budgets)
-        self._gate_errors_seen = 0
+        self._gate_seen: dict[str, int] = {}
         self._children: dict[tuple[Any, ...], Any] = {}
         self._exposition = registry
         if multiprocess_dir is not None:
@@ -350,12 +362,18 @@ class Metrics:
         a store failure or timeout the previous snapshot stays (its age is exported)."""
         if gate is None:
             return  # starting or stopping: keep what we had
-        # The gate counts its own store failures (reserve/settle/release) as an int;
-        # carry the increase into the counter, so there is one store-errors metric.
-        delta = gate.store_errors - self._gate_errors_seen
-        if delta > 0:
-            self.store_errors.labels("budget").inc(delta)
-        self._gate_errors_seen = gate.store_errors
+        # The gate counts its own events as plain ints (no metric call on its hot path);
+        # their increase is carried into the counters here, at scrape time. Its store
+        # failures (reserve/settle/release) join the one store-errors metric.
+        for attr, counter in (
+            ("store_errors", self.store_errors.labels("budget")),
+            ("admitted_unchecked", self.budget_unchecked),
+            ("lost_settles", self.budget_settles_lost),
+        ):
+            value = getattr(gate, attr)
+            if value > self._gate_seen.get(attr, 0):
+                counter.inc(value - self._gate_seen.get(attr, 0))
+            self._gate_seen[attr] = value
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: see budget_specs.refresh
                 statuses = await gate.status()

@@ -24,6 +24,7 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.budget_gate import wait_for_store
 from proxy.store import BudgetState, open_store
@@ -167,9 +168,16 @@ async def test_redis_killed_mid_run_fail_open_loses_no_spend(
         assert len(await store.ledger_records()) == total
     finally:
         await store.close()
+    unchecked_metric = lost_metric = 0.0
     for replica in group:  # no settle or ledger record was dropped
         assert "is lost" not in replica.log(None)
         assert "no journal took it" not in replica.log(None)
+        async with aiohttp.ClientSession() as s, s.get(f"{replica.url}/metrics") as resp:
+            fams = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+        unchecked_metric += fams["metergate_budget_unchecked_requests"].samples[0].value
+        lost_metric += fams["metergate_budget_settles_lost"].samples[0].value
+    # What the operator sees: every request admitted unchecked is counted, none lost.
+    assert (unchecked_metric, lost_metric) == (unchecked, 0)
 
 
 async def test_fail_closed_refuses_with_503_while_redis_is_down(

@@ -187,6 +187,8 @@ async def test_a_store_that_fails_at_scrape_time_keeps_the_last_values(
 
     class Broken:
         store_errors = 3
+        admitted_unchecked = 2
+        lost_settles = 0
 
         async def status(self) -> list[Any]:
             raise ConnectionError("store down")
@@ -194,11 +196,15 @@ async def test_a_store_that_fails_at_scrape_time_keeps_the_last_values(
     await metrics.refresh_budgets(Broken())  # type: ignore[arg-type]
     assert metrics.budgets.samples == before
     assert proxy.metric("metergate_budget_scrape_errors_total") == 1
-    # The gate's own store failures are carried into metergate_store_errors_total.
+    # The gate's own counts are carried into counters at scrape time.
     assert proxy.metric("metergate_store_errors_total", {"op": "budget"}) == 3
+    assert proxy.metric("metergate_budget_unchecked_requests_total") == 2
+    assert proxy.metric("metergate_budget_settles_lost_total") == 0
 
     class Slow:
         store_errors = 3
+        admitted_unchecked = 2
+        lost_settles = 0
 
         async def status(self) -> list[Any]:
             await asyncio.sleep(5)
