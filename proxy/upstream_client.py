@@ -444,7 +444,16 @@ class _Connection(asyncio.Protocol):
 class UpstreamClient:
     """The pool of upstream connections and the one call the pipeline makes."""
 
-    def __init__(self, *, limit: int, keepalive_s: float = DEFAULT_KEEPALIVE_S) -> None:
+    def __init__(
+        self,
+        *,
+        limit: int,
+        keepalive_s: float = DEFAULT_KEEPALIVE_S,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        """``ssl_context`` for https upstreams: by default the system's trust store
+        (``ssl.create_default_context()``, which honours ``SSL_CERT_FILE`` and
+        ``SSL_CERT_DIR``), with hostname checks."""
         if limit < 1:
             raise ValueError("The upstream connection limit must be at least 1.")
         self.limit = limit
@@ -452,7 +461,7 @@ class UpstreamClient:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._in_flight = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = ssl_context
         self._closed = False
 
     async def request(

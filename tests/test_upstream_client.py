@@ -10,7 +10,11 @@ Each runs on both event loops the proxy may use (asyncio's and uvloop's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -435,5 +439,56 @@ def test_a_stale_kept_alive_connection(run: Callable[..., None]) -> None:
                         await client.request(method, origin, "/", [], None, T)
                     assert server.connections == before
                 await client.close()
+
+    run(main())
+
+
+def test_https_upstreams_are_verified(run: Callable[..., None], tmp_path: Path) -> None:
+    """TLS with the certificate checked against the trust store and the host name: a
+    server whose certificate the client does not trust is refused before any request
+    byte leaves (an UpstreamConnectError: free, like a refused connection)."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    seen: list[bytes] = []
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
+            while True:
+                head, body = await read_request(r)
+                seen.append(head + body)
+                w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+                await w.drain()
+
+    async def main() -> None:
+        server = await asyncio.start_server(handler, "127.0.0.1", 0, ssl=server_ctx)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            good = Origin.of(f"https://localhost:{port}/v1")
+            client = UpstreamClient(limit=2, ssl_context=trusting)
+            for _ in range(2):  # the second on the kept-alive TLS connection
+                resp = await client.request("POST", good, "/v1/x", [], b"{}", T)
+                assert await resp.read() == b"secret"
+                resp.release()
+            await client.close()
+            # The system trust store does not know this certificate.
+            with pytest.raises(UpstreamConnectError, match=r"SSL|certificate"):
+                await UpstreamClient(limit=1).request("POST", good, "/v1/x", [], b"{}", T)
+            # Trusted certificate, wrong name: 127.0.0.1 is not in it.
+            wrong = Origin.of(f"https://127.0.0.1:{port}/v1")
+            with pytest.raises(UpstreamConnectError):
+                await UpstreamClient(limit=1, ssl_context=trusting).request(
+                    "POST", wrong, "/v1/x", [], b"{}", T
+                )
+        finally:
+            server.close()
+        assert len(seen) == 2 and seen[0].startswith(b"POST /v1/x HTTP/1.1\r\nHost: localhost:")
 
     run(main())
