@@ -130,6 +130,20 @@ def test_fixture_streams_parse_the_same_under_any_chunking(path: Path) -> None:
 
 
 @pytest.mark.parametrize("path", SSE_FIXTURES, ids=lambda p: p.name)
+def test_fixture_streams_one_event_per_chunk(path: Path) -> None:
+    """How providers usually send: each event its own chunk (the parser's hottest path,
+    which skips the scanner), with an oversized limit checked on that path too."""
+    stream = path.read_bytes()
+    events, _ = parse([stream])
+    assert parse([e.raw for e in events])[0] == events
+    biggest = max(len(e.raw) for e in events)
+    parser = SSEParser(max_event_bytes=biggest - 1)
+    one_by_one = [ev for e in events for ev in parser.feed(e.raw)] + parser.flush()
+    assert b"".join(e.raw for e in one_by_one) == stream
+    assert parser.malformed == sum(len(e.raw) == biggest for e in events)
+
+
+@pytest.mark.parametrize("path", SSE_FIXTURES, ids=lambda p: p.name)
 @pytest.mark.parametrize("ending", [b"\r\n", b"\r"], ids=["crlf", "cr"])
 def test_fixture_streams_with_other_line_endings(path: Path, ending: bytes) -> None:
     original = path.read_bytes()

@@ -90,6 +90,18 @@ class SSEParser:
         if self._buf:
             self._buf += chunk
             return self._drain(self._buf, final=False)
+        # Hottest path: nothing held back and the chunk is exactly one LF-framed
+        # "data: X\n\n" event (how OpenAI's chat streams arrive, one event a chunk).
+        n = len(chunk)
+        if (
+            not self._first_block
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == n - 2
+            and chunk[-1] == _LF
+            and n <= self.max_event_bytes
+            and b"\r" not in chunk
+        ):
+            return [SSEEvent(None, chunk[6:-2], chunk)]
         # Hot path: nothing held back, so scan the chunk itself without copying it.
         return self._drain(chunk, final=False)
 
