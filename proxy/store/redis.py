@@ -534,7 +534,9 @@ def _plainly_valid_reserve(call: ReserveCall) -> bool:
             if limit is not None and (type(limit) is not int or not 0 <= limit <= MAX_NANOS):
                 return False
         for key, per_minute, units, _ in rates:
-            if not key or per_minute < 1 or units < 0:
+            if not key or type(per_minute) is not int or type(units) is not int:
+                return False
+            if per_minute < 1 or units < 0:
                 return False
         if len(items) > 1 and len({item[0] for item in items}) != len(items):
             return False
