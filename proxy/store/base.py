@@ -190,6 +190,12 @@ class SettleCall(NamedTuple):
     release: bool = False
 
 
+def _plain_amount(value: object) -> bool:
+    """True for a plain int in range: the common case, checked without building the
+    message that :func:`_check_amount` needs only when it refuses."""
+    return type(value) is int and 0 <= value <= MAX_NANOS
+
+
 def _check_amount(value: int, what: str) -> None:
     # bool is an int; a True amount is a caller bug, not one nano-dollar.
     if isinstance(value, bool) or not isinstance(value, int):
@@ -215,8 +221,9 @@ def validate_reserve(
     for item in items:
         if not item.key:
             raise ValueError("A budget key must be a non-empty string.")
-        _check_amount(item.amount_nanos, f"The amount reserved on {item.key!r}")
-        if item.limit_nanos is not None:
+        if not _plain_amount(item.amount_nanos):
+            _check_amount(item.amount_nanos, f"The amount reserved on {item.key!r}")
+        if item.limit_nanos is not None and not _plain_amount(item.limit_nanos):
             _check_amount(item.limit_nanos, f"The limit of {item.key!r}")
     for rate in rates:
         if not rate.key:
@@ -238,8 +245,9 @@ def validate_settle(
         if keys:
             raise ValueError("Pass keys only with a single actual amount, not with a mapping.")
         for key, amount in actual.items():
-            _check_amount(amount, f"The actual cost charged to {key!r}")
-    else:
+            if not _plain_amount(amount):
+                _check_amount(amount, f"The actual cost charged to {key!r}")
+    elif not _plain_amount(actual):
         _check_amount(actual, "The actual cost")
 
 

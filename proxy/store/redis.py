@@ -73,7 +73,6 @@ from redis.exceptions import NoScriptError, RedisError, ResponseError
 from proxy.errors import StoreUnavailable
 from proxy.ledger import LedgerRecord
 from proxy.store.base import (
-    MAX_NANOS,
     BudgetState,
     RateItem,
     ReserveCall,
@@ -258,10 +257,13 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         except RedisError as exc:
             if not isinstance(exc, ResponseError):
                 self._cluster_ready = False  # the topology may have changed
-            raise StoreUnavailable(
-                f"The {self._where()} failed: {type(exc).__name__}: {exc}. Check that "
-                "Redis is running and reachable from this host."
-            ) from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: RedisError) -> StoreUnavailable:
+        return StoreUnavailable(
+            f"The {self._where()} failed: {type(exc).__name__}: {exc}. Check that "
+            "Redis is running and reachable from this host."
+        )
 
     async def _eval(self, script: LuaScript, keys: Sequence[str], args: Sequence[Any]) -> Any:
         """EVALSHA, falling back to EVAL once when the server lost its script cache."""
@@ -273,10 +275,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
                 except NoScriptError:
                     return await pipe.call("EVAL", script.source, len(keys), *keys, *args)
             except RedisError as exc:
-                raise StoreUnavailable(
-                    f"The {self._where()} failed: {type(exc).__name__}: {exc}. Check that "
-                    "Redis is running and reachable from this host."
-                ) from exc
+                raise self._unavailable(exc) from exc
         try:
             return await self._command("EVALSHA", script.sha, len(keys), *keys, *args)
         except StoreUnavailable as exc:
@@ -370,10 +369,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         settled: list[bool | Exception] = [False] * len(settles)
         valid_reserves: list[int] = []
         for i, call in enumerate(reserves):
-            if _plainly_valid_reserve(call):
-                valid_reserves.append(i)
-                continue
-            try:  # the exact error, in the words every backend uses
+            try:
                 validate_reserve(call.reservation_id, call.items, call.rates, call.ttl_s)
             except (ValueError, TypeError) as exc:
                 reserved[i] = exc
@@ -381,9 +377,6 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
                 valid_reserves.append(i)
         valid_settles: list[int] = []
         for i, settle in enumerate(settles):
-            if _plainly_valid_settle(settle):
-                valid_settles.append(i)
-                continue
             try:
                 if settle.release:
                     if not settle.reservation_id:
@@ -426,7 +419,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
         parts: list[str] = []
         budget_prefix, rate_prefix = self._budget_prefix, self._rate_prefix
         for rid, actual, keys, tokens, release in settles:
-            id_len = len(rid) if rid.isascii() else len(rid.encode())
+            id_len = _byte_len(rid)
             if release:
                 parts.append(f"{id_len} 0 -1 0")
                 continue
@@ -451,7 +444,7 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
             ttl_us = ttls.get(ttl_s)
             if ttl_us is None:
                 ttl_us = ttls[ttl_s] = max(1, round(ttl_s * 1e6))
-            id_len = len(rid) if rid.isascii() else len(rid.encode())
+            id_len = _byte_len(rid)
             parts.append(f"{id_len} {ttl_us} {len(items)} {len(rates)}")
             for key, limit, amount, hard in items:
                 redis_key = budget_prefix + key
@@ -518,48 +511,6 @@ class RedisStore(RedisKeyMethods, RedisAlertMethods, RedisSpecMethods):
     async def reset_budget(self, key: str) -> None:
         """See :meth:`Store.reset_budget`."""
         await self._eval(_BUDGET, self._state_keys([key]), ["reset", self._res_prefix, SWEEP_LIMIT])
-
-
-def _plainly_valid_reserve(call: ReserveCall) -> bool:
-    """What validate_reserve checks, without building its messages: True when the call
-    is certainly valid (the budget gate's always are); False sends it to
-    validate_reserve for the exact error."""
-    try:
-        rid, items, ttl_s, rates = call
-        if not rid or type(rid) is not str or not ttl_s > 0:
-            return False
-        for key, limit, amount, _ in items:
-            if not key or type(amount) is not int or not 0 <= amount <= MAX_NANOS:
-                return False
-            if limit is not None and (type(limit) is not int or not 0 <= limit <= MAX_NANOS):
-                return False
-        for key, per_minute, units, _ in rates:
-            if not key or type(per_minute) is not int or type(units) is not int:
-                return False
-            if per_minute < 1 or units < 0:
-                return False
-        if len(items) > 1 and len({item[0] for item in items}) != len(items):
-            return False
-        return len(rates) < 2 or len({rate[0] for rate in rates}) == len(rates)
-    except (TypeError, ValueError, AttributeError):
-        return False  # a malformed shape: validate_reserve says what is wrong
-
-
-def _plainly_valid_settle(call: SettleCall) -> bool:
-    """The same for a settle or release (see _plainly_valid_reserve)."""
-    rid, actual, keys, _, release = call
-    if not rid or type(rid) is not str:
-        return False
-    if release:
-        return True
-    if type(actual) is dict:
-        if keys:
-            return False
-        for amount in actual.values():
-            if type(amount) is not int or not 0 <= amount <= MAX_NANOS:
-                return False
-        return True
-    return type(actual) is int and 0 <= actual <= MAX_NANOS
 
 
 def _byte_len(text: str) -> int:
