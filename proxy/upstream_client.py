@@ -319,12 +319,6 @@ class _Connection(asyncio.Protocol):
             else:
                 self._broken(UpstreamDisconnected("The upstream closed the connection."))
 
-    def pause_writing(self) -> None:  # a 1 MiB prompt on a slow link: buffered, fine
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # -- llhttp callbacks --------------------------------------------------------------
 
     def on_message_begin(self) -> None:
