@@ -79,6 +79,7 @@ RESULTS = BENCH / "results"
 TARGETS = (
     "direct",
     "bare",
+    "nginx",
     "metergate",
     "metergate-base",
     "metergate-redis",
@@ -87,6 +88,7 @@ TARGETS = (
 LABELS = {
     "direct": "direct",
     "bare": "bare hop",
+    "nginx": "nginx",
     "metergate": "Metergate",
     "metergate-base": "MG base",
     "metergate-redis": "MG redis",
@@ -98,7 +100,7 @@ LEDGER_FILES = {"metergate": "ledger.db", "metergate-base": "ledger-base.db"}
 DEFAULT_TARGETS = ("direct", "bare", "metergate")
 REDIS_TARGETS = ("metergate-redis", "metergate-redis-budgets")
 #: What --budgets measures without --targets.
-BUDGETS_TARGETS = tuple(t for t in TARGETS if t != "metergate-base")
+BUDGETS_TARGETS = tuple(t for t in TARGETS if t not in ("metergate-base", "nginx"))
 #: Each Redis target has its own key namespace (ledger and budget keys) on the one
 #: throwaway Redis; MONITOR lines of the budgets target are recognised by it.
 REDIS_NAMESPACES = {"metergate-redis": "mgr", "metergate-redis-budgets": "mgb"}
@@ -1318,6 +1320,51 @@ def start_metergate(
     return Target(name, f"http://127.0.0.1:{port}/openai", METERGATE_KEY, mg)
 
 
+def start_nginx(tmp: Path, pin: Pinning, procs: list[Proc], fake_port: int) -> Target:
+    """nginx as the hop (Debian's ``nginx-light``): one worker process on the proxy CPUs,
+    kept-alive upstream connections, no buffering, so streams go through as they come.
+    A reference for what a hop costs in C."""
+    if shutil.which("nginx") is None:
+        raise SystemExit("the nginx target needs nginx (apt-get install -y nginx-light)")
+    port = free_port()
+    conf = tmp / "nginx.conf"
+    conf.write_text(
+        f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  fastcgi_temp_path {tmp}/nginx-fastcgi;
+  uwsgi_temp_path {tmp}/nginx-uwsgi;
+  scgi_temp_path {tmp}/nginx-scgi;
+  keepalive_requests 1000000;
+  upstream fake {{ server 127.0.0.1:{fake_port}; keepalive 1024; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /healthz {{ return 200 "ok"; }}
+    location /openai/ {{
+      proxy_pass http://fake/;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      client_max_body_size 0;
+    }}
+  }}
+}}
+"""
+    )
+    proc = Proc("nginx", ["nginx", "-p", str(tmp), "-c", str(conf)], pin.proxy, tmp / "nginx.log")
+    procs.append(proc)
+    proc.start()
+    return Target("nginx", f"http://127.0.0.1:{port}/openai", UPSTREAM_KEY, proc)
+
+
 def start_targets(
     args: argparse.Namespace, tmp: Path, pin: Pinning, procs: list[Proc]
 ) -> tuple[Proc, dict[str, Target], RedisServer | None]:
@@ -1332,10 +1379,13 @@ def start_targets(
     fake_port = free_port()
     up = f"http://127.0.0.1:{fake_port}"
     # --require-key: the fake refuses any other key, so Metergate must swap its key in.
-    fake_argv = ["bench/fake_server.py", "--port", str(fake_port), "--require-key", UPSTREAM_KEY]
+    fake_argv = [sys.executable, "bench/fake_server.py", "--port", str(fake_port)]
+    fake_argv += ["--require-key", UPSTREAM_KEY]
+    if getattr(args, "fake_argv", None):  # bench/streams.py --rig native: its own fake
+        fake_argv = [*args.fake_argv, str(fake_port)]
     fake = Proc(
         "fake",
-        [sys.executable, *fake_argv],
+        fake_argv,
         pin.fake,
         tmp / "fake.log",
     )
@@ -1363,6 +1413,8 @@ def start_targets(
         procs.append(bare)
         bare.start()
         tmap["bare"] = Target("bare", f"http://127.0.0.1:{port}/openai", UPSTREAM_KEY, bare)
+    if "nginx" in args.targets:
+        tmap["nginx"] = start_nginx(tmp, pin, procs, fake_port)
     for name in (n for n in args.targets if n.startswith("metergate")):
         extra = ""
         if name in LEDGER_FILES:

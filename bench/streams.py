@@ -16,8 +16,16 @@ format, ``stream: true``, ``stream_options.include_usage``), each of C content d
 ``--delay-ms`` apart, on one target after the other, the order rotating per round; one
 unmeasured round per target first opens the connection pools.
 
-    .venv/bin/python bench/streams.py                  # 500 x 40 chunks, 3 rounds, < 2 min
-    .venv/bin/python bench/streams.py --streams 100 --rounds 1
+    .venv/bin/python bench/streams.py                  # 500 x 40 chunks, 3 rounds, < 1 min
+    .venv/bin/python bench/streams.py --chunks 400     # long streams: the steady state
+    .venv/bin/python bench/streams.py --streams 200 --targets bare,nginx,metergate
+
+The rig (``--rig``): by default ``bench/streamrig.c``, built with ``cc`` into the run's
+temp dir, is both the fake upstream and the client: one epoll loop each, in C, so that
+500 streams at 5 ms (100,000 chunks/s) are really produced and read; the aiohttp fake
+and client that share the other core (``--rig python``) top out near 20,000 chunks/s,
+too slow to load a proxy at the target rate. ``nginx`` (a target of bench/run.py) is
+the reference for what a hop written in C needs to relay that rate.
 
 Before starting it waits (up to ``--wait-tests`` s, checking every 15 s) until no
 ``pytest`` runs, and it reports how much CPU other processes used during each round.
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -37,6 +46,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +57,7 @@ import aiohttp
 import run
 from loadgen import pct
 
+RIG_SOURCE = Path(__file__).with_name("streamrig.c")
 STAMP_RE = re.compile(rb'"x_bench_sent_ns":(\d+)')
 TEST_PATTERN = "pytest"
 
@@ -119,6 +131,24 @@ class Round:
 
     def error(self, kind: str) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
+
+    def add_chunks(self, start: int, sent: list[int], recv: list[int]) -> None:
+        """One stream's chunks: when the fake sent each, when the client had it."""
+        self.chunks += len(recv)
+        self.delays.extend(b - a for a, b in zip(sent, recv, strict=True))
+        # still on its way when the fake sent the next one: held back by a chunk or more
+        self.overtaken += sum(1 for k in range(len(sent) - 1) if recv[k] > sent[k + 1])
+        self.recv_gaps.extend(b - a for a, b in itertools.pairwise(recv))
+        self.sent_gaps.extend(b - a for a, b in itertools.pairwise(sent))
+        if recv:
+            self.first_chunk.append(recv[0] - start)
+            self.streams_seen.append((sent, recv))
+
+    def finish(self, args: argparse.Namespace, chunks: int, done: bool, usage: bool) -> None:
+        if not done or not usage or chunks != args.chunks:
+            self.error(f"incomplete ({chunks} chunks, done={done}, usage={usage})")
+        else:
+            self.ok += 1
 
     def steady(self) -> tuple[list[int], int]:
         """Relay delays, and chunks overtaken by the next, of the chunks sent once every
@@ -196,59 +226,148 @@ async def one_stream(
     finally:
         if opened:
             r.open_now -= 1
-        r.chunks += len(recv)
-        r.delays.extend(b - a for a, b in zip(sent, recv, strict=True))
-        # still on its way when the fake sent the next one: held back by a chunk or more
-        r.overtaken += sum(1 for k in range(len(sent) - 1) if recv[k] > sent[k + 1])
-        r.recv_gaps.extend(b - a for a, b in itertools.pairwise(recv))
-        r.sent_gaps.extend(b - a for a, b in itertools.pairwise(sent))
-        if recv:
-            r.first_chunk.append(recv[0] - start)
-            r.streams_seen.append((sent, recv))
-    if not done or not usage or len(recv) != args.chunks:
-        r.error(f"incomplete ({len(recv)} chunks, done={done}, usage={usage})")
-    else:
-        r.ok += 1
+        r.add_chunks(start, sent, recv)
+    r.finish(args, len(recv), done, usage)
 
 
-async def one_round(
-    session: aiohttp.ClientSession, b: run.Bench, t: run.Target, args: argparse.Namespace
-) -> Round:
+@contextlib.contextmanager
+def measured(b: run.Bench, t: run.Target, args: argparse.Namespace) -> Iterator[Round]:
+    """A round against ``t``: its wall time, the proxy's CPU and other processes' CPU."""
     r = Round(t.name, args.streams)
     begin = b.foreign_begin()
     cpu0 = tree_cpu_seconds(t.proc.pid) if t.proc else 0.0
     t0 = time.monotonic()
-    await asyncio.wait_for(
-        asyncio.gather(*(one_stream(session, t, i, args, r) for i in range(args.streams))),
-        timeout=args.round_timeout,
-    )
+    yield r
     r.wall_s = time.monotonic() - t0
     if t.proc:
         r.proxy_cpu_pct = (tree_cpu_seconds(t.proc.pid) - cpu0) / r.wall_s * 100
     b.foreign_end(t.name, "streams", begin)
     r.foreign_cpu_pct = b.raw[t.name]["streams_foreign_cpu_pct"][-1]
+
+
+async def one_round(
+    session: aiohttp.ClientSession, b: run.Bench, t: run.Target, args: argparse.Namespace
+) -> Round:
+    with measured(b, t, args) as r:
+        await asyncio.wait_for(
+            asyncio.gather(*(one_stream(session, t, i, args, r) for i in range(args.streams))),
+            timeout=args.round_timeout,
+        )
     return r
 
 
-async def measure(b: run.Bench, args: argparse.Namespace) -> list[Round]:
+def rounds_plan(b: run.Bench, args: argparse.Namespace) -> Iterator[tuple[str, str, bool]]:
+    """(round label, target, warm-up?) in order: one warm-up per target, then the
+    measured rounds with the order of the targets rotating."""
     names = list(b.targets)
+    for name in names:
+        yield "warm-up (cold connections)", name, True
+    for rnd in range(args.rounds):
+        for name in names[rnd % len(names) :] + names[: rnd % len(names)]:
+            yield f"round {rnd + 1}", name, False
+
+
+def warm_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Open the pools, client → proxy and proxy → fake, to N connections each: slower
+    chunks, so that all N streams overlap (else a measured round opens the rest, and
+    connects beyond a listen backlog of 128 wait a SYN retry of 1 s)."""
+    return argparse.Namespace(**{**vars(args), "delay_ms": max(25, args.delay_ms)})
+
+
+async def measure(b: run.Bench, args: argparse.Namespace) -> list[Round]:
     out: list[Round] = []
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=120)
     timeout = aiohttp.ClientTimeout(total=args.round_timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        # Open the pools, client → proxy and proxy → fake, to N connections each: slower
-        # chunks, so that all N streams overlap (else a measured round opens the rest,
-        # and connects beyond the listen backlog of 128 wait a SYN retry of 1 s).
-        warm_args = argparse.Namespace(**{**vars(args), "delay_ms": max(25, args.delay_ms)})
-        for name in names:
-            warm = await one_round(session, b, b.targets[name], warm_args)
-            print(f"  warm-up (cold connections) {row(warm)}", flush=True)
-        for rnd in range(args.rounds):
-            order = names[rnd % len(names) :] + names[: rnd % len(names)]
-            for name in order:
-                r = await one_round(session, b, b.targets[name], args)
+        for label, name, warm in rounds_plan(b, args):
+            r = await one_round(session, b, b.targets[name], warm_args(args) if warm else args)
+            print(f"  {label} {row(r)}", flush=True)
+            if not warm:
                 out.append(r)
-                print(f"  round {rnd + 1} {row(r)}", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------ the native rig
+class NativeClient:
+    """A ``bench/streamrig.c`` client for one target: a process of its own on the load
+    CPUs, keeping its connections from round to round, driven by lines on stdin."""
+
+    def __init__(self, exe: Path, t: run.Target, cpus: set[int]) -> None:
+        url = urllib.parse.urlsplit(t.url())
+        self.popen = subprocess.Popen(
+            [str(exe), "client", str(url.port), url.path, t.auth],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        )
+
+    def round(self, r: Round, args: argparse.Namespace, out: Path) -> None:
+        """One round of ``args.streams`` streams; their chunks into ``r``."""
+        assert self.popen.stdin is not None and self.popen.stdout is not None
+        self.popen.stdin.write(f"round {args.streams} {args.chunks} {args.delay_ms} {out}\n")
+        self.popen.stdin.flush()
+        answer = self.popen.stdout.readline().strip()
+        if answer != "ok":
+            raise RuntimeError(f"streamrig client: {answer or 'exited'}")
+        spans: list[tuple[int, int]] = []
+        with open(out) as f:
+            lines = iter(f)
+            for line in lines:
+                _, _, status, start, done, usage, n = line.split()
+                pairs = [next(lines).split() for _ in range(int(n))]
+                sent = [int(a) for a, _ in pairs]
+                recv = [int(b) for _, b in pairs]
+                if status != "200":
+                    r.error("connection failed" if status == "-1" else f"http {status}")
+                    continue
+                r.add_chunks(int(start), sent, recv)
+                r.finish(args, len(recv), done == "1", usage == "1")
+                if recv:
+                    spans.append((recv[0], recv[-1]))
+        r.open_max = most_at_once(spans)
+
+    def close(self) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.close()
+        try:
+            self.popen.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(timeout=5)
+
+
+def most_at_once(spans: list[tuple[int, int]]) -> int:
+    """The most streams that were between their first and last chunk at one time."""
+    edges = sorted([(a, 1) for a, _ in spans] + [(b, -1) for _, b in spans])
+    now = best = 0
+    for _, step in edges:
+        now += step
+        best = max(best, now)
+    return best
+
+
+def build_rig(tmp: Path) -> Path:
+    exe = tmp / "streamrig"
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-o", str(exe), str(RIG_SOURCE)], check=True)
+    return exe
+
+
+def measure_native(b: run.Bench, args: argparse.Namespace, exe: Path) -> list[Round]:
+    out: list[Round] = []
+    clients = {name: NativeClient(exe, t, b.load_cpus) for name, t in b.targets.items()}
+    try:
+        b.pids.extend(c.popen.pid for c in clients.values())
+        for k, (label, name, warm) in enumerate(rounds_plan(b, args)):
+            with measured(b, b.targets[name], args) as r:
+                clients[name].round(r, warm_args(args) if warm else args, b.tmp / f"round{k}.txt")
+            print(f"  {label} {row(r)}", flush=True)
+            if not warm:
+                out.append(r)
+    finally:
+        for c in clients.values():
+            c.close()
     return out
 
 
@@ -386,6 +505,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wait-quiet", type=float, default=0.0, help="see bench/run.py")
     for name in ("proxy", "fake", "load"):
         p.add_argument(f"--{name}-cpus", help="see bench/run.py")
+    p.add_argument(
+        "--rig",
+        choices=("native", "python"),
+        default="native",
+        help="fake upstream and client: bench/streamrig.c (built with $CC, default cc), "
+        "which keeps up with 500 streams at 5 ms, or aiohttp (~20,000 chunks/s at most)",
+    )
+    p.add_argument(
+        "--base-rev",
+        help="see bench/run.py: the metergate-base target (add it to --targets) runs this commit",
+    )
     p.add_argument("--keep-tmp", action="store_true")
     return p.parse_args(argv)
 
@@ -396,6 +526,8 @@ def run_args(args: argparse.Namespace) -> argparse.Namespace:
     for name in ("proxy", "fake", "load"):
         if getattr(args, f"{name}_cpus"):
             argv += [f"--{name}-cpus", getattr(args, f"{name}_cpus")]
+    if args.base_rev:
+        argv += ["--base-rev", args.base_rev]
     return run.parse_args(argv)
 
 
@@ -420,6 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="metergate-streams-"))
     procs: list[run.Proc] = []
     try:
+        exe = build_rig(tmp) if args.rig == "native" else None
+        if exe is not None:
+            rargs.fake_argv = [str(exe), "fake"]
         fake, tmap, _ = run.start_targets(rargs, tmp, pin, procs)
         pids = [p.pid for p in procs]
         # No load-generator process: this harness is the client (pinned to the load CPUs).
@@ -430,7 +565,10 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         t0 = time.monotonic()
-        rounds = event_loop_runner()(measure(b, args))
+        if exe is not None:
+            rounds = measure_native(b, args, exe)
+        else:
+            rounds = event_loop_runner()(measure(b, args))
         elapsed = time.monotonic() - t0
         summary = summarise(rounds, args)
         for name, t in tmap.items():
@@ -441,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
             f"Streams bench {started:%Y-%m-%d %H:%M} UTC, {elapsed:.0f} s; {os.cpu_count()} CPUs; "
             f"Metergate {rargs.metergate_version} (store sqlite, access log on)\n"
             f"pinning: {pin.describe()}; {args.streams} concurrent streams x {args.chunks} "
-            f"chunks {args.delay_ms} ms apart (OpenAI chat, include_usage); "
+            f"chunks {args.delay_ms} ms apart (OpenAI chat, include_usage; {args.rig} rig); "
             f"{args.rounds} measured round(s) per target after one warm-up\n{waited}"
         )
         table = render(summary)
