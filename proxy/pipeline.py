@@ -559,13 +559,16 @@ class Pipeline:
         )
 
     async def _count_prompt(self, ex: Exchange, model: str) -> int:
-        body = ex.parsed.body
-        provider = ex.provider
+        """The prompt's tokens: its text counted, plus what the provider's format adds
+        around it (about 4 tokens a chat message)."""
+        body, endpoint = ex.parsed.body, ex.parsed.endpoint
         if len(body) <= INLINE_PARSE_LIMIT:
-            return await self.counter.count_async(provider.prompt_text(body), model)
-        # Extracting the text of a large body is itself CPU work: do it off the loop too.
-        text = await asyncio.get_running_loop().run_in_executor(None, provider.prompt_text, body)
-        return await self.counter.count_async(text, model)
+            prompt = ex.provider.prompt(body, endpoint)
+        else:
+            # Extracting the text of a large body is itself CPU work: off the loop too.
+            loop = asyncio.get_running_loop()
+            prompt = await loop.run_in_executor(None, ex.provider.prompt, body, endpoint)
+        return await self.counter.count_async(prompt.text, model) + prompt.framing
 
     def _price_for(self, ex: Exchange) -> Price | None:
         """The served model's price when it has its own entry, else the requested one's,

@@ -57,12 +57,6 @@ CHUNK_CHARS: Final = 64 * 1024
 # How many spaces to try, from the end of a chunk backwards, before cutting hard.
 _MAX_CUT_PROBES: Final = 64
 
-# Per-message framing in OpenAI's chat format: <|start|>{role}\n{content}<|end|>\n, and the
-# reply is primed with <|start|>assistant<|message|>. From OpenAI's cookbook
-# ("How to count tokens with tiktoken"); an estimate that ignores names and tools.
-_TOKENS_PER_MESSAGE: Final = 3
-_TOKENS_REPLY_PRIMING: Final = 3
-
 # Our own prefixes, checked after tiktoken's maps: they catch bare names tiktoken's
 # tables miss (``gpt-4.5``, ``o4``, ``o3-pro`` …). Order matters: longer/more specific first.
 _EXTRA_PREFIXES: Final[tuple[tuple[str, str], ...]] = (
@@ -480,18 +474,6 @@ class TokenCounter:
 
     def _count_named(self, text: str, name: str) -> int:
         return _count_with(self.encoding(name), text)
-
-    @staticmethod
-    def count_chat_overhead(n_messages: int) -> int:
-        """Estimated tokens OpenAI's chat format adds around ``n_messages`` messages.
-
-        3 per message (role and delimiters) plus 3 priming the reply, per OpenAI's
-        cookbook. An estimate: names, tool definitions and images are not included, and
-        models may differ by a few tokens.
-        """
-        if n_messages < 0:
-            raise ValueError(f"n_messages must be >= 0, got {n_messages}.")
-        return _TOKENS_PER_MESSAGE * n_messages + _TOKENS_REPLY_PRIMING
 
     @staticmethod
     def upper_bound_from_bytes(n_bytes: int) -> int:

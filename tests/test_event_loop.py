@@ -31,6 +31,7 @@ import time
 import aiohttp
 import orjson
 
+from proxy.providers.openai import chat_framing_tokens
 from proxy.tokens import TokenCounter
 from tests.conftest import KEY_A, ProxyFactory, RunningProxy
 from tests.e2e_support import ledger_for, raw_post
@@ -97,6 +98,7 @@ async def test_big_prompt_estimate_does_not_stall_the_loop(
     counter = TokenCounter()
     sync_started = time.perf_counter()
     expected_chat = await asyncio.to_thread(counter.count, chat_prompt, "gpt-4o-mini")
+    expected_chat += chat_framing_tokens(1)  # the one message's framing, and the priming
     one_count_s = time.perf_counter() - sync_started
     expected_claude = await asyncio.to_thread(counter.count, claude_prompt, "claude-haiku-4-5")
     counter.close()

@@ -684,9 +684,94 @@ def test_prompt_text_of_chat_messages_and_tools() -> None:
         }
     )
     text = PROVIDER.prompt_text(body)
-    for piece in ("be brief", "look", "get", '{"q":1}', "result!", '"function":{"name":"get"}'):
+    for piece in ("be brief", "look", "get", '{"q":1}', "result!", "type get = () => any;"):
         assert piece in text
     assert "data:" not in text
+    # 4 messages (4 tokens each), priming 3, function tools 9 less 4 shared with the system
+    assert PROVIDER.prompt(body, "chat").framing == 4 * 4 + 3 + 9 - 4
+
+
+def test_function_tools_rendered_as_the_model_reads_them() -> None:
+    body = orjson.dumps(
+        {
+            "model": "m",
+            "input": "hi",
+            "tools": [
+                {
+                    "type": "function",
+                    "name": "get_weather",
+                    "description": "Get the weather",
+                    "parameters": {
+                        "type": "object",
+                        "properties": {
+                            "location": {"type": "string", "description": "The city"},
+                            "unit": {"type": "string", "enum": ["c", "f"]},
+                            "days": {"type": "array", "items": {"type": "integer"}},
+                            "opts": {
+                                "type": "object",
+                                "properties": {"raw": {"type": "boolean", "description": "x"}},
+                                "required": ["raw"],
+                            },
+                        },
+                        "required": ["location"],
+                    },
+                },
+                {"type": "web_search"},
+            ],
+        }
+    )
+    prompt = PROVIDER.prompt(body, "responses")
+    assert (
+        "namespace functions {\n\n// Get the weather\ntype get_weather = (_: {\n"
+        '// The city\nlocation: string,\nunit?: "c" | "f",\ndays?: number[],\n'
+        "opts?: {\n  raw: boolean,\n},\n}) => any;\n\n} // namespace functions"
+    ) in prompt.text
+    assert '[{"type":"web_search"}]' in prompt.text  # other tools: their JSON
+    assert prompt.framing == 4 + 3 + 9  # one message ("input"), priming, functions
+
+
+def test_deeply_nested_tool_schema_does_not_recurse_without_end() -> None:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(200):
+        schema = {"type": "array", "items": schema}
+    body = orjson.dumps(
+        {
+            "model": "m",
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "f",
+                        "parameters": {"type": "object", "properties": {"deep": schema}},
+                    },
+                }
+            ],
+        }
+    )
+    assert "deep?: " in PROVIDER.prompt_text(body)
+
+
+@pytest.mark.parametrize(
+    ("body", "endpoint", "framing"),
+    [
+        (b'{"model":"m","prompt":"once"}', "completions", 0),
+        (b'{"model":"m","input":"once"}', "embeddings", 0),
+        (b'{"model":"m","input":"once"}', "responses", 4 + 3),
+        (
+            b'{"model":"m","instructions":"be","input":[{"role":"user","content":"x"}]}',
+            "responses",
+            8 + 3,
+        ),
+        (
+            b'{"model":"m","messages":[{"role":"user","name":"ann","content":"x"}]}',
+            "chat",
+            4 + 1 + 3,
+        ),
+        (b'{"model":"m","messages":[]}', "chat", 0),
+    ],
+)
+def test_prompt_framing_by_endpoint(body: bytes, endpoint: str, framing: int) -> None:
+    assert PROVIDER.prompt(body, endpoint).framing == framing
 
 
 def test_prompt_text_of_recorded_requests() -> None:

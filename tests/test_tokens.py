@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import proxy.tokens as tokens
+from proxy.providers.openai import OpenAIProvider, chat_framing_tokens
 from proxy.tokens import (
     CL100K_BASE,
     O200K_BASE,
@@ -32,6 +33,7 @@ from proxy.tokens import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = REPO_ROOT.parent / "shared" / "fixtures" / "provider-wire"
 
 PARAGRAPH = (
     "Metergate meters every request to the OpenAI and Anthropic APIs. It reserves an "
@@ -283,11 +285,14 @@ def test_upper_bound_from_bytes_bounds_the_count(counter: TokenCounter, text: st
     assert counter.count(text, "gpt-4") <= bound
 
 
-def test_chat_overhead_and_bound_reject_negatives() -> None:
-    assert TokenCounter.count_chat_overhead(0) == 3
-    assert TokenCounter.count_chat_overhead(4) == 15
+def test_chat_framing_and_bound_reject_negatives() -> None:
+    assert chat_framing_tokens(0) == 0
+    assert chat_framing_tokens(4) == 19
+    assert chat_framing_tokens(2, names=1) == 12
     with pytest.raises(ValueError):
-        TokenCounter.count_chat_overhead(-1)
+        chat_framing_tokens(-1)
+    with pytest.raises(ValueError):
+        chat_framing_tokens(1, names=2)
     with pytest.raises(ValueError):
         TokenCounter.upper_bound_from_bytes(-1)
     with pytest.raises(ValueError):
@@ -456,3 +461,41 @@ async def test_close_leaves_a_given_executor_running(counter: TokenCounter) -> N
         assert pool.submit(lambda: 42).result(timeout=5) == 42
     finally:
         pool.shutdown()
+
+
+@pytest.mark.parametrize(
+    ("request_body", "endpoint", "model", "reported", "tolerance"),
+    [
+        # the recorded request, and the prompt_tokens OpenAI reported for it
+        ("openai-chat-cached-tokens.request.json", "chat", "gpt-4o-mini", 1149, 0),
+        ("openai-chat-tool-calls.request.json", "chat", "gpt-3.5-turbo", 70, 0),
+        ("openai-responses-stream.request.json", "responses", "gpt-4.1-nano", 14, 0),
+        (
+            b'{"messages":[{"role":"user","content":"Count r\'s in strawberry"}],'
+            b'"model":"gpt-5-nano","reasoning_effort":"low"}',
+            "chat",
+            "gpt-5-nano",
+            11,
+            1,
+        ),
+        # a tool call and a tool result in the history: their own framing is not known
+        ("openai-chat-stream-include-usage.request.json", "chat", "gpt-4o-mini", 78, 5),
+    ],
+)
+def test_prompt_estimate_matches_what_openai_reported(
+    counter: TokenCounter,
+    request_body: str | bytes,
+    endpoint: str,
+    model: str,
+    reported: int,
+    tolerance: int,
+) -> None:
+    """The input estimate (used when a response reports no usage) is the prompt's text
+    counted plus its framing, as the pipeline adds them; before the framing it was 5 of
+    11 tokens for a one-line chat prompt and 7 of 14 for a Responses string input."""
+    body = (
+        request_body if isinstance(request_body, bytes) else (FIXTURES / request_body).read_bytes()
+    )
+    prompt = OpenAIProvider().prompt(body, endpoint)
+    estimate = counter.count(prompt.text, model) + prompt.framing
+    assert abs(estimate - reported) <= tolerance, (estimate, reported)

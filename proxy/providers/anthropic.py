@@ -31,7 +31,7 @@ from proxy.providers._json import (
     require_model,
     token_count,
 )
-from proxy.providers.base import ParsedRequest
+from proxy.providers.base import ParsedRequest, Prompt
 from proxy.providers.sse import ReadOnlyMeter
 from proxy.usage import Usage
 
@@ -181,6 +181,11 @@ class AnthropicProvider:
     def stream_meter(self, parsed: ParsedRequest) -> AnthropicStreamMeter:
         """A fresh meter for a streamed Messages response."""
         return AnthropicStreamMeter()
+
+    def prompt(self, body: bytes, endpoint: str | None = None) -> Prompt:
+        """The prompt text, with no framing counted: Claude's tokenizer is only
+        approximated by tiktoken, and the estimate's margin covers its framing."""
+        return Prompt(self.prompt_text(body))
 
     def prompt_text(self, body: bytes) -> str:
         """System, message and tool-result text, tool inputs and tool definitions.

@@ -8,7 +8,7 @@ expects to be authenticated. It never performs I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from proxy.usage import Usage
 
@@ -32,6 +32,15 @@ class ParsedRequest:
     end_user: str | None
     body: bytes
     strip_usage_chunk: bool = False
+
+
+class Prompt(NamedTuple):
+    """The text of a request's prompt, for estimating its input tokens, and the tokens
+    the provider's format adds around it (``framing``: message delimiters, roles, the
+    rendering of tool definitions), which counting the text alone would miss."""
+
+    text: str
+    framing: int = 0
 
 
 class StreamMeter(Protocol):
@@ -79,8 +88,13 @@ class Provider(Protocol):
         """A fresh meter for a streamed response to ``parsed``."""
         ...
 
+    def prompt(self, body: bytes, endpoint: str | None = None) -> Prompt:
+        """All prompt text in a request body (to ``endpoint``, as ``ParsedRequest``
+        names it) and its framing, for estimating input tokens. Never raises."""
+        ...
+
     def prompt_text(self, body: bytes) -> str:
-        """All prompt text in a request body, for estimating input tokens."""
+        """``prompt(body).text``."""
         ...
 
     def output_text_from_body(self, endpoint: str, body: bytes) -> str:

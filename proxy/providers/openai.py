@@ -28,7 +28,7 @@ from proxy.providers._json import (
     require_model,
     token_count,
 )
-from proxy.providers.base import ParsedRequest
+from proxy.providers.base import ParsedRequest, Prompt
 from proxy.providers.sse import ReadOnlyMeter, SSEEvent, SSEParser
 from proxy.usage import Usage
 
@@ -213,6 +213,123 @@ def _add_json(value: object, out: list[str]) -> None:
     """Tool and schema definitions are billed as prompt tokens: count their JSON."""
     if value is not None:
         out.append(json_text(value))
+
+
+# --- prompt framing ----------------------------------------------------------------------
+# What OpenAI's chat format adds around the text, per OpenAI's cookbook ("How to count
+# tokens with tiktoken"): <|start|>{role}<|message|>{content}<|end|> is 3 tokens a message
+# plus its role (one token for every chat role in cl100k_base and o200k_base), one more
+# for a ``name``, and the reply is primed with 3. Function tools reach the model as a
+# TypeScript-like namespace (the rendering and its constants as reverse-engineered by
+# hmarr/openai-chat-tokens); checked against the prompt_tokens OpenAI reported for the
+# recorded requests in tests/test_tokens.py.
+_TOKENS_PER_MESSAGE: Final = 3 + 1
+_TOKENS_PER_NAME: Final = 1
+_TOKENS_REPLY_PRIMING: Final = 3
+_FUNCTIONS_TOKENS: Final = 9
+_FUNCTIONS_SYSTEM_SHARED: Final = 4  # the tools share the system message's framing
+
+
+def chat_framing_tokens(messages: int, names: int = 0) -> int:
+    """Tokens OpenAI's chat format adds around ``messages`` messages, ``names`` of which
+    carry a ``name`` (whose text is counted with the content); 0 without messages."""
+    if messages < 0 or not 0 <= names <= messages:
+        raise ValueError(f"need 0 <= names <= messages, got {names}, {messages}.")
+    if messages == 0:
+        return 0
+    return _TOKENS_PER_MESSAGE * messages + _TOKENS_PER_NAME * names + _TOKENS_REPLY_PRIMING
+
+
+def _split_tools(tools: object, functions: object) -> tuple[list[dict[str, Any]], list[Any]]:
+    """Function definitions (Chat ``tools[].function``, Responses' flat function tools,
+    legacy ``functions``) apart from every other tool, which is counted as JSON."""
+    found: list[dict[str, Any]] = []
+    others: list[Any] = []
+    for group in (tools, functions):
+        if not isinstance(group, list):
+            if group is not None:
+                others.append(group)
+            continue
+        for tool in group:
+            # {"type": "function", "function": {...}}, {"type": "function", "name": ...}
+            # or a legacy function; "custom" and built-in tools have other types
+            if isinstance(tool, dict) and tool.get("type") in (None, "function"):
+                fn = tool.get("function", tool)
+                if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+                    found.append(fn)
+                    continue
+            others.append(tool)
+    return found, others
+
+
+def function_tools_text(functions: list[dict[str, Any]]) -> str:
+    """Function definitions as the model reads them::
+
+    namespace functions {
+
+    // Get the weather
+    type get_weather = (_: {
+    // The city
+    location: string,
+    unit?: "c" | "f",
+    }) => any;
+
+    } // namespace functions
+    """
+    lines = ["namespace functions {", ""]
+    for fn in functions:
+        if isinstance(description := fn.get("description"), str) and description:
+            lines.append(f"// {description}")
+        params = fn.get("parameters")
+        if (
+            isinstance(params, dict)
+            and isinstance(params.get("properties"), dict)
+            and params["properties"]
+        ):
+            lines += [f"type {fn['name']} = (_: {{", _ts_properties(params, 0), "}) => any;"]
+        else:
+            lines.append(f"type {fn['name']} = () => any;")
+        lines.append("")
+    lines.append("} // namespace functions")
+    return "\n".join(lines)
+
+
+_TS_MAX_DEPTH: Final = 32
+"""Nesting rendered in a tool schema; deeper parts count as nothing (a request may nest
+JSON 1,024 levels deep, more than Python's recursion allows)."""
+
+
+def _ts_properties(schema: dict[str, Any], indent: int, depth: int = 0) -> str:
+    required = schema.get("required")
+    required = required if isinstance(required, list) else []
+    properties = schema.get("properties")
+    lines: list[str] = []
+    for name, prop in properties.items() if isinstance(properties, dict) else ():
+        if indent < 2 and isinstance(prop, dict):
+            if isinstance(about := prop.get("description"), str) and about:
+                lines.append(f"// {about}")
+        mark = "" if name in required else "?"
+        lines.append(f"{name}{mark}: {_ts_type(prop, indent, depth + 1)},")
+    return "\n".join(" " * indent + line for line in lines)
+
+
+def _ts_type(prop: object, indent: int, depth: int) -> str:
+    if not isinstance(prop, dict) or depth > _TS_MAX_DEPTH:
+        return ""
+    kind = prop.get("type")
+    enum = prop.get("enum")
+    if kind == "string":
+        return " | ".join(f'"{v}"' for v in enum) if isinstance(enum, list) else "string"
+    if kind in ("number", "integer"):
+        return " | ".join(str(v) for v in enum) if isinstance(enum, list) else "number"
+    if kind == "boolean" or kind == "null":
+        return str(kind)
+    if kind == "object":
+        return "\n".join(("{", _ts_properties(prop, indent + 2, depth + 1), "}"))
+    if kind == "array":
+        items = prop.get("items")
+        return f"{_ts_type(items, indent, depth + 1)}[]" if isinstance(items, dict) else "any[]"
+    return ""
 
 
 def _is_token_ids(value: object) -> TypeGuard[list[int]]:
@@ -425,33 +542,65 @@ class OpenAIProvider:
             return OpenAIResponsesStreamMeter()
         return OpenAIChatStreamMeter(strip_usage_chunk=parsed.strip_usage_chunk)
 
-    def prompt_text(self, body: bytes) -> str:
-        """Messages, prompt, input, instructions, tool and schema JSON, joined by newlines.
+    def prompt(self, body: bytes, endpoint: str | None = None) -> Prompt:
+        """Messages, prompt, input, instructions, tool and schema text, joined by
+        newlines, and the tokens OpenAI's format adds around them (see
+        :func:`chat_framing_tokens`): framing for Chat ``messages`` and, on the Responses
+        ``endpoint``, for its ``instructions``, a string ``input`` and each input item
+        with a ``role`` (each is a message to the model). Completions and Embeddings
+        inputs have none. Function tools are rendered as the model sees them
+        (:func:`function_tools_text`), other tools and schemas as JSON.
 
         Token-id prompts are not text; count them with :meth:`prompt_token_ids_count`.
         Images, audio and files are not represented. Never raises.
         """
         obj = loads_object(body)
         if obj is None:
-            return ""
+            return Prompt("")
         out: list[str] = []
+        messages = names = 0
+        has_system = False
         if isinstance(instructions := obj.get("instructions"), str):
             out.append(instructions)
-        if isinstance(messages := obj.get("messages"), list):
-            for message in messages:
+            messages += 1
+            has_system = True
+        if isinstance(chat := obj.get("messages"), list):
+            for message in chat:
+                if isinstance(message, dict):
+                    messages += 1
+                    has_system = has_system or message.get("role") in ("system", "developer")
+                    if isinstance(name := message.get("name"), str):
+                        out.append(name)
+                        names += 1
                 _add_message(message, out)
-        for key in ("prompt", "input"):
-            value = obj.get(key)
-            if isinstance(value, str):
-                out.append(value)
-            elif isinstance(value, list):
-                for item in value:
-                    _add_response_item(item, out)
-        for key in ("tools", "functions", "response_format"):
-            _add_json(obj.get(key), out)
+        if isinstance(prompt := obj.get("prompt"), str):
+            out.append(prompt)
+        elif isinstance(prompt, list):
+            for item in prompt:
+                _add_response_item(item, out)
+        responses = endpoint == "responses"
+        if isinstance(value := obj.get("input"), str):
+            out.append(value)
+            messages += responses
+        elif isinstance(value, list):
+            for item in value:
+                messages += responses and (
+                    isinstance(item, str) or (isinstance(item, dict) and "role" in item)
+                )
+                _add_response_item(item, out)
+        framing = chat_framing_tokens(messages, names)
+        functions, others = _split_tools(obj.get("tools"), obj.get("functions"))
+        if functions:
+            out.append(function_tools_text(functions))
+            framing += _FUNCTIONS_TOKENS - (_FUNCTIONS_SYSTEM_SHARED if has_system else 0)
+        _add_json(others or None, out)
+        _add_json(obj.get("response_format"), out)
         if isinstance(text := obj.get("text"), dict):  # Responses structured output
             _add_json(text.get("format"), out)
-        return "\n".join(out)
+        return Prompt("\n".join(out), max(0, framing))
+
+    def prompt_text(self, body: bytes) -> str:
+        return self.prompt(body).text
 
     def prompt_token_ids_count(self, body: bytes) -> int:
         """How many prompt tokens are given as token ids (Completions ``prompt``,
