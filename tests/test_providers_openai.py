@@ -514,6 +514,22 @@ def test_strip_holds_back_only_the_unfinished_event() -> None:
     assert meter.usage == Usage(input=1, output=2) and meter.completed
 
 
+@pytest.mark.parametrize("strip", [False, True])
+def test_one_event_per_chunk_as_the_fixture_arrives(strip: bool) -> None:
+    """The usual shape, one whole event per chunk (the meter's fast path), relays and
+    meters exactly like the same bytes in one piece; an empty data event is no error."""
+    stream = b"data: \n\n" + fixture("openai-chat-stream-include-usage.sse")
+    events = [e + b"\n\n" for e in stream.split(b"\n\n") if e]
+    assert b"".join(events) == stream
+    whole = PROVIDER.stream_meter(parsed("chat", strip=strip))
+    piecewise = PROVIDER.stream_meter(parsed("chat", strip=strip))
+    out = b"".join(piecewise.feed(e) for e in events) + piecewise.flush()
+    assert out == run(whole, [stream])
+    for attr in ("usage", "completed", "model", "malformed"):
+        assert getattr(piecewise, attr) == getattr(whole, attr), attr
+    assert piecewise.output_text() == whole.output_text() and piecewise.malformed == 0
+
+
 def test_strip_keeps_usage_chunks_that_still_have_choices() -> None:
     # Some OpenAI-compatible servers put usage on the last content chunk: keep it.
     event = (

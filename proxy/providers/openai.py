@@ -360,6 +360,11 @@ class OpenAIChatStreamMeter:
 
     def feed(self, chunk: bytes) -> bytes:
         """Read ``chunk``; return what to relay now (``chunk`` itself unless stripping)."""
+        data = self._parser.single_data(chunk)
+        if data is not None:  # one whole event, the usual chunk: no event objects
+            usage_only = bool(data) and self._read(data)
+            self.malformed = self._bad_events + self._parser.malformed
+            return b"" if usage_only and self._strip else chunk
         events = self._parser.feed(chunk)
         if not self._strip:
             for event in events:

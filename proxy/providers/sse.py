@@ -90,20 +90,29 @@ class SSEParser:
         if self._buf:
             self._buf += chunk
             return self._drain(self._buf, final=False)
-        # Hottest path: nothing held back and the chunk is exactly one LF-framed
-        # "data: X\n\n" event (how OpenAI's chat streams arrive, one event a chunk).
+        data = self.single_data(chunk)
+        if data is not None:
+            return [SSEEvent(None, data, chunk)]
+        # Hot path: nothing held back, so scan the chunk itself without copying it.
+        return self._drain(chunk, final=False)
+
+    def single_data(self, chunk: bytes) -> bytes | None:
+        """The hottest path: when nothing is held back and ``chunk`` is exactly one
+        LF-framed ``data: X\n\n`` event (how OpenAI's chat streams arrive, one event a
+        chunk), take it and return its data ``X``, with no event built around it;
+        otherwise take nothing and return None (then call :meth:`feed`)."""
         n = len(chunk)
         if (
-            not self._first_block
-            and chunk.startswith(b"data: ")
+            chunk.startswith(b"data: ")
             and chunk.find(b"\n") == n - 2
             and chunk[-1] == _LF
+            and not self._buf
+            and not self._first_block
             and n <= self.max_event_bytes
             and b"\r" not in chunk
         ):
-            return [SSEEvent(None, chunk[6:-2], chunk)]
-        # Hot path: nothing held back, so scan the chunk itself without copying it.
-        return self._drain(chunk, final=False)
+            return chunk[6:-2]
+        return None
 
     def flush(self) -> list[SSEEvent]:
         """At end of stream: the events still held, the last one possibly unterminated."""
