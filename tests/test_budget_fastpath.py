@@ -5,6 +5,7 @@ store and the gate promise; these tests pin what the fast path must not change."
 from __future__ import annotations
 
 import asyncio
+import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -16,7 +17,12 @@ from proxy.budget_gate import BudgetGate
 from proxy.errors import StoreUnavailable
 from proxy.store import ReserveItem, open_store
 from proxy.store.redis import RedisStore
-from proxy.store.redis_scripts import ScriptPipe
+from proxy.store.redis_scripts import (
+    KEEPALIVE_IDLE_S,
+    KEEPALIVE_INTERVAL_S,
+    KEEPALIVE_PROBES,
+    ScriptPipe,
+)
 from tests.redis_servers import (  # the fixtures are used by name
     RedisServer,
     redis_server,  # noqa: F401
@@ -52,6 +58,19 @@ async def test_a_plain_tcp_store_sends_its_scripts_over_one_pipelined_connection
     assert [r.ok for r in results] == [True] * 10 + [False] * 5
     assert store._pipe.connections == 1
     assert await store.budget_state("b") == (0, 100)
+
+
+async def test_the_pipe_connection_keeps_itself_alive(store: RedisStore) -> None:
+    """TCP keepalive on the script connection: an idle connection to a Redis that went
+    away is found by the kernel, not by the next budget call timing out on it."""
+    assert await store.budget_state("k") == (0, 0)  # connected
+    pipe = store._pipe
+    assert pipe is not None and pipe._conn is not None and pipe._conn.transport is not None
+    sock = pipe._conn.transport.get_extra_info("socket")
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == KEEPALIVE_IDLE_S
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == KEEPALIVE_INTERVAL_S
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == KEEPALIVE_PROBES
 
 
 async def test_a_caller_that_stops_waiting_leaves_the_connection_usable(

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import socket
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
@@ -228,6 +229,30 @@ class ScriptPipe:
             conn.close()
 
 
+#: TCP keepalive of the pipe's connection: probe after 30 s idle, every 10 s, give up
+#: after 3 unanswered (a Redis that vanished behind a NAT or a failover is found within
+#: a minute, before the next budget call has to wait out its reply timeout on it).
+KEEPALIVE_IDLE_S: Final = 30
+KEEPALIVE_INTERVAL_S: Final = 10
+KEEPALIVE_PROBES: Final = 3
+
+
+def _keep_alive(sock: socket.socket | None) -> None:
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for name, value in (
+            ("TCP_KEEPIDLE", KEEPALIVE_IDLE_S),  # Linux; macOS names it TCP_KEEPALIVE
+            ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
+            ("TCP_KEEPCNT", KEEPALIVE_PROBES),
+        ):
+            if hasattr(socket, name):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+    except OSError:  # not a TCP socket
+        pass
+
+
 class _PipeConnection(asyncio.Protocol):
     """One connection of a :class:`ScriptPipe`: replies complete its waiters in order."""
 
@@ -244,6 +269,7 @@ class _PipeConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass
+        _keep_alive(transport.get_extra_info("socket"))
         if self._out:
             self._write()
 
