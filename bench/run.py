@@ -1320,6 +1320,26 @@ def start_metergate(
     return Target(name, f"http://127.0.0.1:{port}/openai", METERGATE_KEY, mg)
 
 
+def nginx_preamble(tmp: Path, connections: int) -> str:
+    """The start of an nginx config for the bench: foreground, one process, every file
+    in ``tmp``, no access log; the ``http`` block is left open for the caller's
+    servers."""
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections {connections}; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/nginx-body;
+  proxy_temp_path {tmp}/nginx-proxy;
+  fastcgi_temp_path {tmp}/nginx-fastcgi;
+  uwsgi_temp_path {tmp}/nginx-uwsgi;
+  scgi_temp_path {tmp}/nginx-scgi;
+  keepalive_requests 1000000;"""
+
+
 def start_nginx(tmp: Path, pin: Pinning, procs: list[Proc], fake_port: int) -> Target:
     """nginx as the hop (Debian's ``nginx-light``): one worker process on the proxy CPUs,
     kept-alive upstream connections, no buffering, so streams go through as they come.
@@ -1329,20 +1349,7 @@ def start_nginx(tmp: Path, pin: Pinning, procs: list[Proc], fake_port: int) -> T
     port = free_port()
     conf = tmp / "nginx.conf"
     conf.write_text(
-        f"""daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/nginx-body;
-  proxy_temp_path {tmp}/nginx-proxy;
-  fastcgi_temp_path {tmp}/nginx-fastcgi;
-  uwsgi_temp_path {tmp}/nginx-uwsgi;
-  scgi_temp_path {tmp}/nginx-scgi;
-  keepalive_requests 1000000;
+        f"""{nginx_preamble(tmp, 4096)}
   upstream fake {{ server 127.0.0.1:{fake_port}; keepalive 1024; keepalive_requests 1000000; }}
   server {{
     listen 127.0.0.1:{port} backlog=4096;

@@ -16,11 +16,12 @@
  *
  *   streamrig client PORT PATH KEY
  *       Reads commands on stdin, one per line:
- *           round N CHUNKS DELAY_MS OUTFILE
+ *           round N CHUNKS DELAY_MS TIMEOUT_S OUTFILE
  *       opens (or reuses) N keep-alive connections to 127.0.0.1:PORT, sends one streamed
  *       chat request (stamped) on each at once, reads every stream to its end, writes one
  *       line per stream to OUTFILE ("S index status start_ns done usage n" followed by n
- *       lines "sent_ns recv_ns"), and prints "ok" on stdout. The receive time of a chunk
+ *       lines "sent_ns recv_ns"), and prints "ok" on stdout. A stream still open after
+ *       TIMEOUT_S seconds is dropped and reported as failed. The receive time of a chunk
  *       is the time of the read() that completed its SSE event.
  *
  * Loopback only; stops when stdin closes (client) or on SIGTERM (fake).
@@ -64,9 +65,9 @@ static void nonblock(int fd) {
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
 }
 
-/* Write all of buf on a non-blocking socket; the rig's writes are small, so a full send
- * buffer is waited out with poll-free spinning on EAGAIN only as a last resort. Returns
- * -1 when the peer is gone. */
+/* Write all of buf on a non-blocking socket; returns -1 when the peer is gone. The rig's
+ * writes are small and its peers always read, so a full send buffer (EAGAIN) is waited
+ * out in 50 µs sleeps that hold up the whole loop: simple, and never seen in a run. */
 static int write_all(int fd, const char *buf, size_t len) {
     while (len > 0) {
         ssize_t n = write(fd, buf, len);
@@ -479,7 +480,8 @@ static void client_reset(struct cconn *c) {
     c->active = 1;
 }
 
-static int client_round(int ep, struct cconn **pool, int *npool, int streams, const char *out) {
+static int client_round(int ep, struct cconn **pool, int *npool, int streams, int timeout_s,
+                        const char *out) {
     while (*npool < streams) {
         struct cconn *c = calloc(1, sizeof *c);
         c->fd = -1;
@@ -497,7 +499,7 @@ static int client_round(int ep, struct cconn **pool, int *npool, int streams, co
             c->failed = 1, c->active = 0, pending--;
         }
     }
-    int64_t deadline = now_ns() + 120LL * 1000000000LL;
+    int64_t deadline = now_ns() + (int64_t)timeout_s * 1000000000LL;
     struct epoll_event evs[256];
     static char buf[262144];
     while (pending > 0 && now_ns() < deadline) {
@@ -570,16 +572,16 @@ static int client_main(int port, const char *path, const char *key) {
     int npool = 0;
     char line[1024];
     while (fgets(line, sizeof line, stdin)) {
-        int streams, chunks, delay;
+        int streams, chunks, delay, timeout_s;
         char out[900];
-        if (sscanf(line, "round %d %d %d %899s", &streams, &chunks, &delay, out) != 4 ||
-            streams < 1 || streams > MAXCONN / 2 || chunks < 1 || chunks >= MAXCHUNKS) {
+        if (sscanf(line, "round %d %d %d %d %899s", &streams, &chunks, &delay, &timeout_s, out) != 5 ||
+            streams < 1 || streams > MAXCONN / 2 || chunks < 1 || chunks >= MAXCHUNKS || timeout_s < 1) {
             printf("error: bad command\n");
             fflush(stdout);
             continue;
         }
         chunks_arg = chunks, delay_arg = delay;
-        client_round(ep, pool, &npool, streams, out);
+        client_round(ep, pool, &npool, streams, timeout_s, out);
         printf("ok\n");
         fflush(stdout);
     }

@@ -305,7 +305,9 @@ class NativeClient:
     def round(self, r: Round, args: argparse.Namespace, out: Path) -> None:
         """One round of ``args.streams`` streams; their chunks into ``r``."""
         assert self.popen.stdin is not None and self.popen.stdout is not None
-        self.popen.stdin.write(f"round {args.streams} {args.chunks} {args.delay_ms} {out}\n")
+        timeout = max(1, round(args.round_timeout))
+        command = f"round {args.streams} {args.chunks} {args.delay_ms} {timeout} {out}\n"
+        self.popen.stdin.write(command)
         self.popen.stdin.flush()
         answer = self.popen.stdout.readline().strip()
         if answer != "ok":

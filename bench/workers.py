@@ -47,6 +47,7 @@ from run import (
     free_port,
     machine_busy,
     metergate_config,
+    nginx_preamble,
 )
 
 ALL_CPUS = os.sched_getaffinity(0)
@@ -91,20 +92,7 @@ def nginx_config(tmp: Path, port: int) -> Path:
     body = json.dumps(NGINX_ANSWER, separators=(",", ":")).replace("'", "\\'")
     conf = tmp / "nginx.conf"
     conf.write_text(
-        f"""daemon off;
-master_process off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/nginx-error.log warn;
-events {{ worker_connections 1024; }}
-http {{
-  access_log off;
-  client_body_temp_path {tmp}/nginx-body;
-  proxy_temp_path {tmp}/nginx-proxy;
-  fastcgi_temp_path {tmp}/nginx-fastcgi;
-  uwsgi_temp_path {tmp}/nginx-uwsgi;
-  scgi_temp_path {tmp}/nginx-scgi;
-  keepalive_requests 1000000;
+        f"""{nginx_preamble(tmp, 1024)}
   server {{
     listen 127.0.0.1:{port};
     location = /_fake/health {{ return 200 "ok"; }}
