@@ -1373,11 +1373,16 @@ def start_nginx(tmp: Path, pin: Pinning, procs: list[Proc], fake_port: int) -> T
 
 
 def start_targets(
-    args: argparse.Namespace, tmp: Path, pin: Pinning, procs: list[Proc]
+    args: argparse.Namespace,
+    tmp: Path,
+    pin: Pinning,
+    procs: list[Proc],
+    fake_argv: list[str] | None = None,
 ) -> tuple[Proc, dict[str, Target], RedisServer | None]:
     """Start the fake, Redis (for the Redis targets) and the proxies (appending each to
     ``procs`` at once, so the caller's ``finally`` stops it), wait until each is ready,
-    and check each target."""
+    and check each target. ``fake_argv``: another fake upstream (bench/streams.py's
+    native rig), run with its port appended."""
     args.metergate_src = args.base_src = None
     if args.metergate_rev and any(n.startswith("metergate") for n in args.targets):
         args.metergate_src = export_tree(args.metergate_commit, tmp / "metergate-src")
@@ -1386,13 +1391,17 @@ def start_targets(
     fake_port = free_port()
     up = f"http://127.0.0.1:{fake_port}"
     # --require-key: the fake refuses any other key, so Metergate must swap its key in.
-    fake_argv = [sys.executable, "bench/fake_server.py", "--port", str(fake_port)]
-    fake_argv += ["--require-key", UPSTREAM_KEY]
-    if getattr(args, "fake_argv", None):  # bench/streams.py --rig native: its own fake
-        fake_argv = [*args.fake_argv, str(fake_port)]
+    if fake_argv is None:
+        fake_argv = [
+            sys.executable,
+            "bench/fake_server.py",
+            "--require-key",
+            UPSTREAM_KEY,
+            "--port",
+        ]
     fake = Proc(
         "fake",
-        fake_argv,
+        [*fake_argv, str(fake_port)],
         pin.fake,
         tmp / "fake.log",
     )

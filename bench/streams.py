@@ -555,9 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[run.Proc] = []
     try:
         exe = build_rig(tmp) if args.rig == "native" else None
-        if exe is not None:
-            rargs.fake_argv = [str(exe), "fake"]
-        fake, tmap, _ = run.start_targets(rargs, tmp, pin, procs)
+        fake_argv = None if exe is None else [str(exe), "fake"]
+        fake, tmap, _ = run.start_targets(rargs, tmp, pin, procs, fake_argv)
         pids = [p.pid for p in procs]
         # No load-generator process: this harness is the client (pinned to the load CPUs).
         b = run.Bench(rargs, tmp, pin.load, fake, tmap, None, None, pin.proxy, pids)  # type: ignore[arg-type]

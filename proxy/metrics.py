@@ -370,9 +370,9 @@ class Metrics:
             ("admitted_unchecked", self.budget_unchecked),
             ("lost_settles", self.budget_settles_lost),
         ):
-            value = getattr(gate, attr)
-            if value > self._gate_seen.get(attr, 0):
-                counter.inc(value - self._gate_seen.get(attr, 0))
+            value, seen = getattr(gate, attr), self._gate_seen.get(attr, 0)
+            if value > seen:
+                counter.inc(value - seen)
             self._gate_seen[attr] = value
         try:
             async with asyncio.timeout(timeout_s):  # not wait_for: see budget_specs.refresh
